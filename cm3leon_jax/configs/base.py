@@ -1,0 +1,171 @@
+"""Every config field, with defaults. Presets start here and change what they need.
+
+Sections: vocab, text_tokenizer, vq, data, retrieval, model, optimizer, train, mesh, decoding.
+Sizes derived from others (the vocabulary size, tokens per image) are computed by code
+(`Vocab.from_config`, `tokens_per_image`), never stored twice.
+"""
+
+import ml_collections
+
+# Logical axis name -> mesh axes. One table for parameters and activations (MaxText style).
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("codes", None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  # Every artifact of a run lives under workdir (see cm3leon_jax/paths.py).
+  c.workdir = "outputs/base"
+
+  # Shared vocabulary (cm3leon_jax/tokenizers/vocab.py); image codes come from vq.codebook_size.
+  c.vocab = ml_collections.ConfigDict()
+  c.vocab.text_size = 56320
+  c.vocab.num_sentinels = 16
+  c.vocab.pad_multiple = 128
+  c.vocab.size = 0  # 0: used ids rounded up to pad_multiple; else an explicit table size.
+
+  c.text_tokenizer = ml_collections.ConfigDict()
+  c.text_tokenizer.normalization = "nfkc"  # "nfkc" | "none"
+  c.text_tokenizer.min_frequency = 2
+
+  # VQ image tokenizer (Make-A-Scene family: 256 px -> 32x32 grid of 8192 codes).
+  c.vq = ml_collections.ConfigDict()
+  c.vq.image_size = 256
+  c.vq.downsample = 8  # 4, 8 or 16
+  c.vq.codebook_size = 8192
+  c.vq.code_dim = 256
+  c.vq.base_channels = 128
+  c.vq.channel_mult = (1, 1, 2, 2)
+  c.vq.num_res_blocks = 2
+  c.vq.commitment_cost = 0.25
+  c.vq.l2_normalize = True
+  c.vq.recon_loss = "l1"  # "l1" | "l2"
+  c.vq.gan_weight = 0.1
+  c.vq.gan_start_step = 20000
+  c.vq.dead_code_threshold = 1e-3
+  c.vq.learning_rate = 1e-4
+  c.vq.batch_size = 64
+  c.vq.steps = 200000
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "shapes"  # shapes | coco_captions | image_text_folder
+  c.data.data_dir = ""  # "": <workdir>/data
+  c.data.manual_dir = ""
+  c.data.num_train = 100000
+  c.data.num_eval = 2000
+  c.data.max_objects = 3
+  c.data.max_skipped_fraction = 0.05
+  c.data.packing = True
+  c.data.shuffle_seed = 0
+  c.data.num_workers = 2
+  c.data.prefetch = 2
+  # CM3 objective (REFERENCE.md section 2): spans ~ Poisson(rate) clamped to [min, max].
+  c.data.cm3_poisson_rate = 1.0
+  c.data.cm3_min_spans = 0
+  c.data.cm3_max_spans = 15
+  c.data.causal_fraction = 0.0  # extra fraction of sequences left unmasked
+  c.data.image_first_rate = 0.5  # "image first" rotation (captioning direction)
+
+  c.retrieval = ml_collections.ConfigDict()
+  c.retrieval.enabled = True
+  c.retrieval.embed_dim = 512
+  c.retrieval.text_layers = 6
+  c.retrieval.text_width = 512
+  c.retrieval.text_heads = 8
+  c.retrieval.text_max_len = 77
+  c.retrieval.image_patch = 32
+  c.retrieval.image_layers = 6
+  c.retrieval.image_width = 512
+  c.retrieval.image_heads = 8
+  c.retrieval.temperature_init = 0.07
+  c.retrieval.learning_rate = 5e-4
+  c.retrieval.batch_size = 1024
+  c.retrieval.steps = 50000
+  c.retrieval.k_per_modality = 2
+  c.retrieval.num_train_docs = 3
+  c.retrieval.num_inference_docs = 2
+  c.retrieval.query_dropout = 0.2
+  c.retrieval.max_score = 0.9
+  c.retrieval.brute_force_below = 20000
+  c.retrieval.num_leaves = 0  # 0: about sqrt(bank size)
+  c.retrieval.leaves_to_search = 0  # 0: chosen from num_leaves
+  c.retrieval.reorder = 100
+  c.retrieval.num_shards = 1
+
+  # Decoder (REFERENCE.md section 4).
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 24
+  c.model.d_model = 1024
+  c.model.num_heads = 16
+  c.model.head_dim = 64
+  c.model.d_ff = 4096
+  c.model.seq_len = 4096
+  c.model.activation = "relu"  # relu | gelu | swiglu
+  c.model.tie_embeddings = True
+  c.model.qk_norm = False
+  c.model.z_loss = 0.0  # Chameleon used 1e-5
+  c.model.init_std = 0.006
+  c.model.pos_init_std = 0.0002
+  c.model.dtype = "bfloat16"  # compute
+  c.model.param_dtype = "float32"
+  c.model.scan_layers = True
+  c.model.remat_policy = "nothing_saveable"  # none | dots_saveable | nothing_saveable
+  c.model.attention = "auto"  # auto | xla | cudnn | splash
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.peak_lr = 6e-4
+  c.optimizer.warmup_steps = 1500
+  c.optimizer.decay = "cosine"  # cosine | linear | constant
+  c.optimizer.end_lr_ratio = 0.1
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.clip_norm = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0
+  c.train.steps = 100000
+  c.train.batch_size = 2048  # sequences per optimizer step, global
+  c.train.grad_accum = 1
+  c.train.log_every = 10
+  c.train.eval_every = 1000
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+
+  # Mesh ('data', 'fsdp', 'tensor'); -1 takes the remaining devices. Multi-slice puts data
+  # across slices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.axis_rules = DEFAULT_AXIS_RULES
+
+  c.decoding = ml_collections.ConfigDict()
+  c.decoding.temperature = 1.0
+  c.decoding.top_p = 0.9
+  c.decoding.top_k = 0
+  c.decoding.cfg_weight = 3.0
+  c.decoding.cdk_k = 8
+  c.decoding.cdk_alpha = 0.5
+  c.decoding.num_candidates = 8
+  c.decoding.pool = "mixed"  # top_p | cdk | mixed
+  c.decoding.num_retrieved = 2
+  c.decoding.max_text_tokens = 64
+  c.decoding.seed = 0
+  return c
+
+
+def tokens_per_image(config) -> int:
+  side = config.vq.image_size // config.vq.downsample
+  return side * side

@@ -1,0 +1,39 @@
+"""cm3leon_760m: CM3Leon-760M as in the paper (REFERENCE.md section 4): 24 layers,
+d_model 1536, 24 heads of 64, sequence 4096, 8M-token batches (2048 sequences), peak LR
+5e-4, warmup 1500, 1.9T tokens (226,498 steps). Paper hardware: 256 A100.
+
+    python -m cm3leon_jax train --config cm3leon_760m --config.data.data_dir=gs://...   # on a TPU pod
+
+Not runnable on a CPU; `python tpu/compile_check.py --config cm3leon_760m` compiles its train step
+for real TPU topologies and prints per-device memory.
+"""
+
+from cm3leon_jax.configs.base import base_config
+
+TOKENS_PER_BATCH = 2048 * 4096
+
+
+def get_config(arg=None):
+  del arg
+  c = base_config()
+  c.name = "cm3leon_760m"
+  c.vocab.text_size = 56320
+  c.vq.image_size = 256
+  c.vq.downsample = 8
+  c.vq.codebook_size = 8192
+  c.model.num_layers = 24
+  c.model.d_model = 1536
+  c.model.num_heads = 24
+  c.model.head_dim = 64
+  c.model.d_ff = 6144
+  c.model.seq_len = 4096
+  c.model.dtype = "bfloat16"
+  c.optimizer.peak_lr = 5e-4
+  c.optimizer.warmup_steps = 1500
+  c.train.batch_size = 2048
+  c.train.steps = round(1.9e12 / TOKENS_PER_BATCH)
+  c.workdir = "outputs/cm3leon_760m"
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  return c

@@ -1,0 +1,39 @@
+"""cm3leon_7b: CM3Leon-7B as in the paper (REFERENCE.md section 4): 32 layers,
+d_model 4096, 32 heads of 128, sequence 4096, 8M-token batches (2048 sequences), peak LR
+1.2e-4, warmup 1500, 2.4T tokens (286,102 steps). Paper hardware: 512 A100.
+
+    python -m cm3leon_jax train --config cm3leon_7b --config.data.data_dir=gs://...   # on a TPU pod
+
+Not runnable on a CPU; `python tpu/compile_check.py --config cm3leon_7b` compiles its train step
+for real TPU topologies and prints per-device memory.
+"""
+
+from cm3leon_jax.configs.base import base_config
+
+TOKENS_PER_BATCH = 2048 * 4096
+
+
+def get_config(arg=None):
+  del arg
+  c = base_config()
+  c.name = "cm3leon_7b"
+  c.vocab.text_size = 56320
+  c.vq.image_size = 256
+  c.vq.downsample = 8
+  c.vq.codebook_size = 8192
+  c.model.num_layers = 32
+  c.model.d_model = 4096
+  c.model.num_heads = 32
+  c.model.head_dim = 128
+  c.model.d_ff = 16384
+  c.model.seq_len = 4096
+  c.model.dtype = "bfloat16"
+  c.optimizer.peak_lr = 1.2e-4
+  c.optimizer.warmup_steps = 1500
+  c.train.batch_size = 2048
+  c.train.steps = round(2.4e12 / TOKENS_PER_BATCH)
+  c.workdir = "outputs/cm3leon_7b"
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  return c

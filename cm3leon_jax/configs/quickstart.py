@@ -1,0 +1,61 @@
+"""quickstart: the whole CM3Leon recipe on a 2-core CPU, no GPU, no network.
+
+    python -m cm3leon_jax quickstart            # (or: cm3leon quickstart)
+
+32 px Shapes scenes; a VQ with 4x downsampling (8x8 = 64 codes per image, 256-entry
+codebook); a 512-entry byte-level BPE text tokenizer; a small dual encoder; a 4-layer
+d=256 decoder over 512-token retrieval-augmented CM3 sequences. Budget: the whole run within
+15 minutes on 2 CPU cores (issue 9 measures and reports it).
+"""
+
+from cm3leon_jax.configs.base import base_config
+
+
+def get_config(arg=None):
+  del arg
+  c = base_config()
+  c.name = "quickstart"
+  c.vocab.text_size = 512
+  c.vq.image_size = 32
+  c.vq.downsample = 4
+  c.vq.codebook_size = 256
+  c.vq.code_dim = 32
+  c.vq.base_channels = 32
+  c.vq.channel_mult = (1, 2, 2)
+  c.vq.num_res_blocks = 1
+  c.vq.gan_weight = 0.0
+  c.vq.learning_rate = 1e-3
+  c.vq.batch_size = 64
+  c.vq.steps = 2000
+  c.data.num_train = 20000
+  c.data.num_eval = 1000
+  c.retrieval.embed_dim = 64
+  c.retrieval.text_layers = 2
+  c.retrieval.text_width = 64
+  c.retrieval.text_heads = 4
+  c.retrieval.text_max_len = 48
+  c.retrieval.image_patch = 8
+  c.retrieval.image_layers = 2
+  c.retrieval.image_width = 64
+  c.retrieval.image_heads = 4
+  c.retrieval.learning_rate = 1e-3
+  c.retrieval.batch_size = 256
+  c.retrieval.steps = 600
+  c.model.num_layers = 4
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.head_dim = 64
+  c.model.d_ff = 1024
+  c.model.seq_len = 512
+  c.model.dtype = "float32"  # bf16 is slower than fp32 on CPUs (JAX_NOTES.md)
+  c.model.remat_policy = "none"
+  c.optimizer.peak_lr = 2e-3
+  c.optimizer.warmup_steps = 100
+  c.workdir = "outputs/quickstart"
+  c.train.steps = 1500
+  c.train.batch_size = 16
+  c.train.log_every = 25
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
+  c.decoding.max_text_tokens = 32
+  return c
