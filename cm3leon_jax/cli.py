@@ -10,34 +10,39 @@ whose issue has not landed yet say so and exit with status 3.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import importlib
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from cm3leon_jax import configs
 from cm3leon_jax.errors import InputError
-from cm3leon_jax.paths import artifacts
 
 EXIT_INPUT_ERROR = 2
 EXIT_NOT_BUILT = 3
 
-# name -> (one-line help, issue that builds it or None when built). Order follows the data flow.
+# name -> (one-line help, where it lives). "where" is the module that implements the command
+# (it defines add_arguments(parser) and run(args, config) -> exit status), or, while the
+# command's issue has not landed, the issue that builds it. Order follows the data flow.
 COMMANDS = {
-    "data": ("build a TFDS dataset (shapes | coco_captions | image_text_folder)", 3),
-    "train-text-tokenizer": ("train the byte-level BPE text tokenizer", None),
-    "train-vq": ("train the VQ image tokenizer", 4),
-    "encode": ("turn an image-text dataset into token documents", 4),
-    "train-retriever": ("train the CLIP-style dual encoder", 5),
-    "index": ("build the ScaNN index over the memory bank", 5),
-    "retrieve": ("compute static neighbours for every training document", 5),
-    "train": ("pretrain the decoder on retrieval-augmented CM3 batches", 7),
-    "sft": ("instruction-tune the decoder on the Shapes task mixture", "SFT (not filed yet)"),
-    "generate": ("sample text and images (CFG, CD-K, retrieval, re-ranking)", 8),
-    "eval": ("run an evaluation suite on a checkpoint", 9),
-    "export": ("export an inference bundle", "export (not filed yet)"),
-    "quickstart": ("the whole recipe end to end on Shapes (the main job)", 9),
+    "data": ("build a TFDS dataset (shapes | coco_captions | image_text_folder)", "issue 3"),
+    "train-text-tokenizer": ("train the byte-level BPE text tokenizer",
+                             "cm3leon_jax.tokenizers.train_text"),
+    "train-vq": ("train the VQ image tokenizer", "issue 4"),
+    "encode": ("turn an image-text dataset into token documents", "issue 4"),
+    "train-retriever": ("train the CLIP-style dual encoder", "issue 5"),
+    "index": ("build the ScaNN index over the memory bank", "issue 5"),
+    "retrieve": ("compute static neighbours for every training document", "issue 5"),
+    "train": ("pretrain the decoder on retrieval-augmented CM3 batches", "issue 7"),
+    "sft": ("instruction-tune the decoder on the Shapes task mixture", "the SFT issue (not filed)"),
+    "generate": ("sample text and images (CFG, CD-K, retrieval, re-ranking)", "issue 8"),
+    "eval": ("run an evaluation suite on a checkpoint", "issue 9"),
+    "export": ("export an inference bundle", "the export issue (not filed)"),
+    "quickstart": ("the whole recipe end to end on Shapes (the main job)", "issue 9"),
 }
+
+
+def _is_built(where: str) -> bool:
+  return where.startswith("cm3leon_jax.")
 
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -47,76 +52,23 @@ def _add_config_arg(parser: argparse.ArgumentParser) -> None:
            "override fields with --config.section.field=value")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+  """The full parser; only `command`'s module is imported (so `--help` stays fast)."""
   parser = argparse.ArgumentParser(
       prog="cm3leon", description="CM3Leon in JAX: retrieval-augmented multimodal decoder.",
       epilog="Config overrides: --config.model.num_layers=4 (any field of the preset).")
   sub = parser.add_subparsers(dest="command", metavar="command")
-  for name, (help_text, issue) in COMMANDS.items():
-    suffix = "" if issue is None else f" [not built yet: issue {issue}]"
+  for name, (help_text, where) in COMMANDS.items():
+    suffix = "" if _is_built(where) else f" [not built yet: {where}]"
     p = sub.add_parser(name, help=help_text + suffix, description=help_text + suffix)
     _add_config_arg(p)
-    add = _ARGUMENTS.get(name)
-    if add:
-      add(p)
+    if name == command and _is_built(where):
+      importlib.import_module(where).add_arguments(p)
   return parser
 
 
-# --- train-text-tokenizer -------------------------------------------------------------------
-def _args_train_text_tokenizer(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                 help="text files (one document per line) or .jsonl files with a 'text' field")
-  p.add_argument("--output", default=None,
-                 help="tokenizer JSON path (default: <workdir>/text_tokenizer.json)")
-
-
-def _iter_texts(paths: Sequence[str]):
-  for path in paths:
-    if not os.path.isfile(path):
-      raise InputError(f"{path}: input file not found")
-    with open(path, encoding="utf-8", errors="strict") as f:
-      try:
-        for line_no, line in enumerate(f, 1):
-          if path.endswith(".jsonl"):
-            if not line.strip():
-              continue
-            try:
-              record = json.loads(line)
-            except json.JSONDecodeError as e:
-              raise InputError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-              raise InputError(f"{path}:{line_no}: expected an object with a string 'text'")
-            yield record["text"]
-          else:
-            yield line.rstrip("\n")
-      except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _run_train_text_tokenizer(args, config) -> int:
-  from cm3leon_jax.tokenizers.text import TextTokenizer
-  output = args.output or artifacts(config).text_tokenizer
-  tokenizer = TextTokenizer.train(
-      _iter_texts(args.input), vocab_size=config.vocab.text_size,
-      normalization=config.text_tokenizer.normalization,
-      min_frequency=config.text_tokenizer.min_frequency, show_progress=sys.stderr.isatty())
-  tokenizer.save(output)
-  print(f"text tokenizer: {tokenizer.vocab_size} ids (limit {config.vocab.text_size}) -> {output}")
-  return 0
-
-
-_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
-    "train-text-tokenizer": _args_train_text_tokenizer,
-}
-_RUNNERS: dict[str, Callable] = {
-    "train-text-tokenizer": _run_train_text_tokenizer,
-}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  parser = build_parser()
-  # --config.a.b=value overrides are not argparse options: pull them out first.
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Pull `--config.a.b=value` (or `--config.a.b value`) out of argv: they are not options."""
   overrides, rest = [], []
   i = 0
   while i < len(argv):
@@ -129,18 +81,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       rest.append(arg)
     i += 1
-  args = parser.parse_args(rest)
+  return overrides, rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides, rest = _split_overrides(argv)
+  command = next((a for a in rest if a in COMMANDS), None)
+  args = build_parser(command).parse_args(rest)
   if not args.command:
-    parser.print_help()
+    build_parser().print_help()
     return EXIT_INPUT_ERROR
-  _, issue = COMMANDS[args.command]
+  _, where = COMMANDS[args.command]
   try:
     config = configs.load(args.config, overrides)
-    if issue is not None:
-      print(f"cm3leon {args.command}: not built yet (issue {issue}); see `issues show` for "
-            "its status.", file=sys.stderr)
+    if not _is_built(where):
+      print(f"cm3leon {args.command}: not built yet ({where}); `issues show` tells its status.",
+            file=sys.stderr)
       return EXIT_NOT_BUILT
-    return _RUNNERS[args.command](args, config)
+    return int(importlib.import_module(where).run(args, config) or 0)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_INPUT_ERROR
