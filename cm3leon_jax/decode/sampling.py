@@ -1,0 +1,51 @@
+"""Token sampling from scores: temperature, top-k, top-p (nucleus). Vectorised over the batch.
+
+Every function takes scores `[B, V]` (logits or any log-space score; -inf = forbidden) and
+returns scores of the same shape with the tokens it rules out set to -inf, so filters compose
+and run inside a jitted `lax.while_loop` with no Python per token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def top_k_filter(scores_BV: jax.Array, k: int) -> jax.Array:
+  """Keep the k highest scores per row (k <= 0: keep all). Ties at the k-th value are kept."""
+  if k <= 0 or k >= scores_BV.shape[-1]:
+    return scores_BV
+  kth_B1 = jax.lax.top_k(scores_BV, k)[0][:, -1:]
+  return jnp.where(scores_BV >= kth_B1, scores_BV, NEG_INF)
+
+
+def top_p_filter(scores_BV: jax.Array, top_p) -> jax.Array:
+  """Keep the smallest set of highest-probability tokens whose mass reaches top_p.
+
+  `top_p` is a scalar or a per-row `[B]` array; 1.0 keeps everything. The most likely token is
+  always kept, so a row never becomes all -inf.
+  """
+  top_p_B1 = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), scores_BV.shape[:1])[:, None]
+  probs_BV = jax.nn.softmax(scores_BV.astype(jnp.float32), axis=-1)
+  order_BV = jnp.argsort(-probs_BV, axis=-1)
+  sorted_BV = jnp.take_along_axis(probs_BV, order_BV, axis=-1)
+  # Mass strictly before each token: a token is kept if the mass before it is < top_p.
+  before_BV = jnp.cumsum(sorted_BV, axis=-1) - sorted_BV
+  keep_sorted_BV = (before_BV < top_p_B1) | (jnp.arange(scores_BV.shape[-1]) == 0)
+  keep_BV = jnp.zeros_like(keep_sorted_BV).at[
+      jnp.arange(scores_BV.shape[0])[:, None], order_BV].set(keep_sorted_BV)
+  return jnp.where(keep_BV, scores_BV, NEG_INF)
+
+
+def sample(rng: jax.Array, scores_BV: jax.Array, temperature) -> jax.Array:
+  """Sample one token per row from softmax(scores / temperature); temperature 0 is greedy.
+
+  `temperature` is a scalar or per-row `[B]`.
+  """
+  t_B = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), scores_BV.shape[:1])
+  greedy_B = jnp.argmax(scores_BV, axis=-1)
+  safe_t_B1 = jnp.where(t_B > 0, t_B, 1.0)[:, None]
+  sampled_B = jax.random.categorical(rng, scores_BV.astype(jnp.float32) / safe_t_B1, axis=-1)
+  return jnp.where(t_B > 0, sampled_B, greedy_B).astype(jnp.int32)
