@@ -65,6 +65,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_eval = 2000
   c.data.max_objects = 3
   c.data.max_skipped_fraction = 0.05
+  # Shapes held-out split: scenes with a (colour, shape) pair never seen in train (shapes.py).
+  c.data.num_heldout = 1000
+  c.data.seed = 0  # Shapes scene seed (scene i of a split is a pure function of it)
+  # Real-data guards (data/images.py): images whose header claims more pixels are skipped
+  # before decoding (decompression bombs); longer captions are skipped, not cut.
+  c.data.max_image_pixels = 40_000_000
+  c.data.max_caption_chars = 2000
   c.data.packing = True
   c.data.shuffle_seed = 0
   c.data.num_workers = 2
