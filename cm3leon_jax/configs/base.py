@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_image_pixels = 40_000_000
   c.data.max_caption_chars = 2000
   c.data.packing = True
+  c.data.packing_bins = 0  # first-fit packing bins per process; 0: the local batch size
   c.data.shuffle_seed = 0
   c.data.num_workers = 2
   c.data.prefetch = 2
