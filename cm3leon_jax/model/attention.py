@@ -1,0 +1,144 @@
+"""Causal self-attention over packed sequences: one function, three backends.
+
+    attention(q_BLHK, k_BSHK, v_BSHK, q_segment_ids_BL, kv_segment_ids_BS,
+              q_index_BL, kv_index_BS, backend) -> out_BLHK
+
+Query i may see key j when `kv_index[j] <= q_index[i]` and both carry the same segment id
+(packing puts several documents in one row; a token never attends across documents). In
+training the indices are `arange(L)` for both; a KV-cached decoder passes the cache slots'
+indices for the keys (empty slots get an index past every query, so they are never seen).
+
+Backends (`config.model.attention`):
+- "xla": the reference einsum + masked softmax in float32; runs everywhere.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention on NVIDIA
+  GPUs; half precision only, float32 falls back to "xla") with the same boolean mask. On other platforms the same call runs JAX's XLA
+  implementation, which is how the CPU tests check it against the reference.
+- "splash": Pallas splash attention on TPU (segment ids in the kernel, causal block skipping),
+  under `shard_map` so each device runs the kernel on its own batch and head shard.
+  Off TPU the same kernel runs in Pallas interpret mode (slow; the CPU tests use it), unless
+  `compiling_for_tpu()` is active (AOT compiles for a TPU topology from a CPU host).
+- "auto": splash on TPU, cudnn on GPU, xla elsewhere (decided by the default backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+BACKENDS = ("auto", "xla", "cudnn", "splash")
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+_TPU_TARGET = [False]
+
+
+@contextlib.contextmanager
+def compiling_for_tpu():
+  """Lower splash attention as the real TPU kernel even though this host is not a TPU."""
+  _TPU_TARGET.append(True)
+  try:
+    yield
+  finally:
+    _TPU_TARGET.pop()
+
+
+def _splash_interpret() -> bool:
+  return jax.default_backend() != "tpu" and not _TPU_TARGET[-1]
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+  """"auto" -> the fast backend of `platform` (default: JAX's default backend)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
+  if backend != "auto":
+    return backend
+  platform = platform or ("tpu" if _TPU_TARGET[-1] else jax.default_backend())
+  return {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
+
+
+def attention_mask(q_segment_ids_BL, kv_segment_ids_BS, q_index_BL, kv_index_BS):
+  """Boolean [B, L, S]: causal by index and within one segment."""
+  causal = kv_index_BS[:, None, :] <= q_index_BL[:, :, None]
+  same = q_segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]
+  return causal & same
+
+
+def xla_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS):
+  """Reference: softmax((q k^T) / sqrt(K) masked) v, scores and softmax in float32."""
+  scale = q_BLHK.shape[-1] ** -0.5
+  scores_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK,
+                           preferred_element_type=jnp.float32) * scale
+  scores_BHLS = jnp.where(mask_BLS[:, None], scores_BHLS, _NEG_INF)
+  probs_BHLS = jax.nn.softmax(scores_BHLS, axis=-1)
+  return jnp.einsum("BHLS,BSHK->BLHK", probs_BHLS.astype(v_BSHK.dtype), v_BSHK)
+
+
+def cudnn_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS):
+  implementation = "cudnn" if jax.default_backend() == "gpu" else None
+  return jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_BLS[:, None],
+                                      implementation=implementation)
+
+
+def _splash_kernel(seq_len: int, num_heads: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len))] * num_heads)
+  block = min(512, seq_len)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                        block_kv_dq=block)
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                            interpret=interpret), sk.SegmentIds
+
+
+def splash_attention(q_BLHK, k_BSHK, v_BSHK, q_segment_ids_BL, kv_segment_ids_BS,
+                     batch_axes=("data", "fsdp"), head_axis="tensor", interpret=None):
+  """Pallas splash attention (TPU). Self-attention only (L == S, indices = arange)."""
+  _, L, H, K = q_BLHK.shape
+  interpret = _splash_interpret() if interpret is None else interpret
+  kernel, SegmentIds = _splash_kernel(L, H, interpret)
+  scale = K ** -0.5
+
+  def per_shard(q_BHLK, k_BHSK, v_BHSK, qs_BL, ks_BS):
+    segments = SegmentIds(q=qs_BL, kv=ks_BS)
+    one = lambda q, k, v, s: kernel(q, k, v, segment_ids=s)
+    return jax.vmap(one)(q_BHLK * scale, k_BHSK, v_BHSK, segments)
+
+  to_bhlk = lambda x: jnp.swapaxes(x, 1, 2)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    out_BHLK = per_shard(to_bhlk(q_BLHK), to_bhlk(k_BSHK), to_bhlk(v_BSHK), q_segment_ids_BL,
+                         kv_segment_ids_BS)
+  else:
+    qkv = P(batch_axes, head_axis, None, None)
+    seg = P(batch_axes, None)
+    out_BHLK = jax.shard_map(per_shard, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg),
+                             out_specs=qkv, check_vma=False)(
+                                 to_bhlk(q_BLHK), to_bhlk(k_BSHK), to_bhlk(v_BSHK),
+                                 q_segment_ids_BL, kv_segment_ids_BS)
+  return to_bhlk(out_BHLK)
+
+
+def attention(q_BLHK, k_BSHK, v_BSHK, q_segment_ids_BL, kv_segment_ids_BS,
+              q_index_BL=None, kv_index_BS=None, backend: str = "xla"):
+  """Masked multi-head attention; see the module docstring. Returns [B, L, H, K] in q's dtype.
+
+  `q_index_BL` / `kv_index_BS` default to `arange` (plain self-attention over a packed row).
+  """
+  B, L = q_BLHK.shape[:2]
+  S = k_BSHK.shape[1]
+  self_attention = q_index_BL is None and kv_index_BS is None
+  if q_index_BL is None:
+    q_index_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+  if kv_index_BS is None:
+    kv_index_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  backend = resolve_backend(backend)
+  if backend == "splash" and self_attention and L == S:
+    return splash_attention(q_BLHK, k_BSHK, v_BSHK, q_segment_ids_BL, kv_segment_ids_BS)
+  mask_BLS = attention_mask(q_segment_ids_BL, kv_segment_ids_BS, q_index_BL, kv_index_BS)
+  if backend == "cudnn" and q_BLHK.dtype in (jnp.bfloat16, jnp.float16):
+    return cudnn_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS)
+  return xla_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS)

@@ -1,0 +1,197 @@
+"""The CM3Leon decoder (REFERENCE.md section 4) as a Flax NNX module.
+
+    model = Decoder(DecoderConfig.from_config(config), rngs=nnx.Rngs(0))
+    logits_BLV = model(inputs_BL, positions_BL, segment_ids_BL)      # float32
+
+OPT-like: token embedding + learned absolute positions (init std 0.0002), `num_layers`
+pre-LN layers (`layers.layer`), a parameter-free final LayerNorm, and a tied (or untied,
+zero-initialised) LM head. Every other weight is truncated normal (std 0.006, cut at 3 std);
+the residual-branch output projections start at zero. No biases, no dropout, no learnable
+LayerNorm parameters.
+
+Layer parameters are stacked on a leading 'layers' axis and run with `jax.lax.scan`
+(`scan_layers`, one compiled layer) or unrolled; `remat_policy` wraps the layer in
+`jax.checkpoint`. Parameters are in `param_dtype` (float32), matmuls in `dtype` (bf16 on
+accelerators); logits come out in float32. Each parameter carries logical axis names
+(`out_sharding` metadata), resolved through `config.mesh.axis_rules`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cm3leon_jax.errors import InputError
+from cm3leon_jax.model import layers as L
+from cm3leon_jax.model.attention import BACKENDS
+from cm3leon_jax.tokenizers.vocab import Vocab
+
+REMAT_POLICIES = {
+    "none": None,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Static description of a decoder (hashable: it is part of the NNX graph definition)."""
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  head_dim: int
+  d_ff: int
+  seq_len: int
+  activation: str = "relu"
+  tie_embeddings: bool = True
+  qk_norm: bool = False
+  init_std: float = 0.006
+  pos_init_std: float = 0.0002
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention: str = "xla"
+  axis_rules: tuple = ()
+
+  @classmethod
+  def from_config(cls, config) -> "DecoderConfig":
+    """From a full project config; raises InputError naming the inconsistent field."""
+    m = config.model
+    if m.d_model % m.num_heads:
+      raise InputError(f"--config.model.num_heads={m.num_heads} does not divide "
+                       f"model.d_model={m.d_model}")
+    if m.num_heads * m.head_dim != m.d_model:
+      raise InputError(f"--config.model.head_dim={m.head_dim}: num_heads x head_dim = "
+                       f"{m.num_heads * m.head_dim} must equal model.d_model={m.d_model}")
+    if m.remat_policy not in REMAT_POLICIES:
+      raise InputError(f"--config.model.remat_policy={m.remat_policy!r}: expected one of "
+                       f"{tuple(REMAT_POLICIES)}")
+    if m.attention not in BACKENDS:
+      raise InputError(f"--config.model.attention={m.attention!r}: expected one of {BACKENDS}")
+    from cm3leon_jax.train.mesh import axis_rules  # the one place rules are normalised
+    return cls(vocab_size=Vocab.from_config(config).size, num_layers=m.num_layers,
+               d_model=m.d_model, num_heads=m.num_heads, head_dim=m.head_dim, d_ff=m.d_ff,
+               seq_len=m.seq_len, activation=m.activation, tie_embeddings=m.tie_embeddings,
+               qk_norm=m.qk_norm, init_std=m.init_std, pos_init_std=m.pos_init_std,
+               dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
+               remat_policy=m.remat_policy, attention=m.attention,
+               axis_rules=axis_rules(config))
+
+  def layer_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Stacked parameter name -> (shape, logical axes), 'layers' first."""
+    out = {}
+    for name, (dims, axes) in L.LAYER_PARAMS.items():
+      if name == "w_gate" and self.activation != "swiglu":
+        continue
+      out[name] = ((self.num_layers, *(getattr(self, d) for d in dims)), ("layers", *axes))
+    return out
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+  if std == 0.0:
+    value = jnp.zeros(shape, dtype)
+  else:  # truncated at 3 std, as the paper's init
+    init = jax.nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
+    value = init(rngs.params(), shape, dtype)
+  # Sharding is applied by the caller (a jit with out_shardings, see `init_sharded`), so
+  # the module can also be built eagerly on one device.
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class StackedLayers(nnx.Module):
+  """All layers' weights, each stacked on a leading 'layers' axis."""
+
+  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.param_dtype)
+    for name, (shape, axes) in cfg.layer_shapes().items():
+      std = 0.0 if name in L.ZERO_INIT else cfg.init_std
+      setattr(self, name, _param(rngs, shape, axes, std, dtype))
+
+  def arrays(self) -> dict:
+    return {name: getattr(self, name)[...] for name in L.LAYER_PARAMS if hasattr(self, name)}
+
+
+class Decoder(nnx.Module):
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std,
+                        dtype)
+    self.pos_embed = _param(rngs, (cfg.seq_len, cfg.d_model), ("length", "embed"),
+                            cfg.pos_init_std, dtype)
+    self.layers = StackedLayers(cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0.0, dtype)
+
+  @property
+  def shard(self) -> L.Sharder:
+    return L.Sharder(self.cfg.axis_rules)
+
+  def embed_tokens(self, inputs_BL, positions_BL):
+    """Token + position embeddings -> x_BLD in the compute dtype."""
+    # Gather the embedding dimension first (as FSDP does for every weight) but keep the vocab
+    # split: without this, GSPMD replicates the whole lookup ("involuntary full remat").
+    table = self.shard(self.embed[...], ("vocab", None))
+    pos = self.shard(self.pos_embed[...], (None, None))
+    x_BLD = jnp.take(table, inputs_BL, axis=0)
+    x_BLD = x_BLD + jnp.take(pos, positions_BL, axis=0)
+    return self.shard(x_BLD.astype(self.cfg.dtype), ("batch", "length", None))
+
+  def logits(self, x_BLD):
+    """Final LayerNorm + LM head -> float32 logits [B, L, V]."""
+    h_BLD = L.layer_norm(x_BLD)
+    dtype = self.cfg.dtype
+    if self.cfg.tie_embeddings:
+      logits = jnp.einsum("BLD,VD->BLV", h_BLD, self.embed[...].astype(dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("BLD,DV->BLV", h_BLD, self.head[...].astype(dtype),
+                          preferred_element_type=jnp.float32)
+    return self.shard(logits, ("batch", "length", "vocab"))
+
+  def layer_fn(self):
+    """The per-layer function `(params_of_one_layer, x_BLD, segment_ids_BL) -> x_BLD`."""
+    cfg = self.cfg
+    fn = functools.partial(L.layer, dtype=jnp.dtype(cfg.dtype), activation=cfg.activation,
+                           qk_norm=cfg.qk_norm, attention_backend=cfg.attention,
+                           shard=self.shard)
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy != "none":
+      fn = jax.checkpoint(fn, policy=policy, prevent_cse=not cfg.scan_layers)
+    return fn
+
+  def __call__(self, inputs_BL, positions_BL, segment_ids_BL):
+    """Full causal forward over packed rows -> logits_BLV (float32).
+
+    inputs_BL: token ids; positions_BL: position of each token inside its segment (indexes
+    the learned position table); segment_ids_BL: 1, 2, ... per packed sequence, 0 = padding.
+    """
+    x_BLD = self.embed_tokens(inputs_BL, positions_BL)
+    params = self.layers.arrays()
+    fn = self.layer_fn()
+    if self.cfg.scan_layers:
+      def body(x_BLD, p):
+        return fn(p, x_BLD, segment_ids_BL), None
+      x_BLD, _ = jax.lax.scan(body, x_BLD, params)
+    else:
+      for i in range(self.cfg.num_layers):
+        x_BLD = fn(jax.tree.map(lambda a: a[i], params), x_BLD, segment_ids_BL)
+    return self.logits(x_BLD)
+
+
+def param_count(cfg: DecoderConfig, embeddings: bool = True) -> int:
+  """Number of parameters; `embeddings=False` leaves out the token and position tables."""
+  n = sum(math.prod(shape) for shape, _ in cfg.layer_shapes().values())
+  if not cfg.tie_embeddings:
+    n += cfg.d_model * cfg.vocab_size
+  if embeddings:
+    n += cfg.vocab_size * cfg.d_model + cfg.seq_len * cfg.d_model
+  return n

@@ -1,0 +1,119 @@
+"""One decoder layer as a pure function of its parameters, plus the pieces it is made of.
+
+REFERENCE.md section 4: pre-LayerNorm without learnable parameters, no biases, no dropout.
+The layer's parameters live stacked along a leading `layers` axis in `decoder.Decoder`; this
+module only does math on one slice of them, so the same function serves the scanned training
+forward and a KV-cached decoder.
+
+Logical axis names of activations (resolved to mesh axes by `config.mesh.axis_rules`):
+x_BLD ('batch', 'length', None), q/k/v ('batch', 'length', 'heads', 'kv'),
+hidden_BLF ('batch', 'length', 'mlp').
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cm3leon_jax.model.attention import attention
+
+LAYER_NORM_EPS = 1e-5
+
+# Parameter name -> (shape given config fields, logical axes) of ONE layer; the decoder stacks
+# them along a leading 'layers' axis. `wo` and `w_out` close residual branches: initialised 0.
+LAYER_PARAMS = {
+    "wq": (("d_model", "num_heads", "head_dim"), ("embed", "heads", "kv")),
+    "wk": (("d_model", "num_heads", "head_dim"), ("embed", "heads", "kv")),
+    "wv": (("d_model", "num_heads", "head_dim"), ("embed", "heads", "kv")),
+    "wo": (("num_heads", "head_dim", "d_model"), ("heads", "kv", "embed")),
+    "w_in": (("d_model", "d_ff"), ("embed", "mlp")),
+    "w_gate": (("d_model", "d_ff"), ("embed", "mlp")),  # swiglu only
+    "w_out": (("d_ff", "d_model"), ("mlp", "embed")),
+}
+ZERO_INIT = ("wo", "w_out")
+
+
+class Sharder(NamedTuple):
+  """Applies logical-axis sharding constraints to activations (a no-op without a mesh)."""
+  rules: tuple
+
+  def __call__(self, x, logical_axes):
+    if jax.sharding.get_abstract_mesh().empty:
+      return x
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), self.rules)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def layer_norm(x, eps: float = LAYER_NORM_EPS):
+  """Parameter-free LayerNorm over the last axis; statistics in float32, result in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def activate(name: str, h_BLF, gate_BLF=None):
+  if name == "relu":
+    return jax.nn.relu(h_BLF)
+  if name == "gelu":
+    return jax.nn.gelu(h_BLF, approximate=False)
+  if name == "swiglu":
+    return jax.nn.silu(gate_BLF) * h_BLF
+  raise ValueError(f"activation {name!r}: expected relu | gelu | swiglu")
+
+
+class KV(NamedTuple):
+  """Keys and values a layer attends over, with their segment ids and indices.
+
+  Training passes None (self-attention over the row). A KV-cached decoder passes the cache
+  after writing this step's k/v into it (shapes [B, S, H, K], [B, S], [B, S]).
+  """
+  k_BSHK: jax.Array
+  v_BSHK: jax.Array
+  segment_ids_BS: jax.Array
+  index_BS: jax.Array
+
+
+def project_qkv(p: dict, x_BLD, dtype, qk_norm: bool, shard: Sharder):
+  """Pre-LN and the q/k/v projections: [B, L, D] -> three [B, L, H, K]."""
+  h_BLD = layer_norm(x_BLD)
+  qkv = []
+  for name in ("wq", "wk", "wv"):
+    y_BLHK = jnp.einsum("BLD,DHK->BLHK", h_BLD, p[name].astype(dtype))
+    qkv.append(shard(y_BLHK, ("batch", "length", "heads", "kv")))
+  q_BLHK, k_BLHK, v_BLHK = qkv
+  if qk_norm:  # Chameleon's stabiliser; parameter-free like every norm here
+    q_BLHK, k_BLHK = layer_norm(q_BLHK), layer_norm(k_BLHK)
+  return q_BLHK, k_BLHK, v_BLHK
+
+
+def attend_and_mlp(p: dict, x_BLD, q_BLHK, kv: KV, q_segment_ids_BL, q_index_BL, *, dtype,
+                   activation: str, attention_backend: str, shard: Sharder):
+  """The rest of the layer once q and the keys/values are known: attention + MLP residuals."""
+  o_BLHK = attention(q_BLHK, kv.k_BSHK, kv.v_BSHK, q_segment_ids_BL, kv.segment_ids_BS,
+                     q_index_BL, kv.index_BS, backend=attention_backend)
+  o_BLHK = shard(o_BLHK, ("batch", "length", "heads", "kv"))
+  x_BLD = x_BLD + jnp.einsum("BLHK,HKD->BLD", o_BLHK, p["wo"].astype(dtype))
+  x_BLD = shard(x_BLD, ("batch", "length", None))
+
+  h_BLD = layer_norm(x_BLD)
+  h_BLF = jnp.einsum("BLD,DF->BLF", h_BLD, p["w_in"].astype(dtype))
+  gate_BLF = None
+  if activation == "swiglu":
+    gate_BLF = jnp.einsum("BLD,DF->BLF", h_BLD, p["w_gate"].astype(dtype))
+  h_BLF = shard(activate(activation, h_BLF, gate_BLF), ("batch", "length", "mlp"))
+  x_BLD = x_BLD + jnp.einsum("BLF,FD->BLD", h_BLF, p["w_out"].astype(dtype))
+  return shard(x_BLD, ("batch", "length", None))
+
+
+def layer(p: dict, x_BLD, segment_ids_BL, *, dtype, activation: str, qk_norm: bool,
+          attention_backend: str, shard: Sharder):
+  """One pre-LN transformer layer over packed rows (training / full forward): [B,L,D] -> same."""
+  q_BLHK, k_BLHK, v_BLHK = project_qkv(p, x_BLD, dtype, qk_norm, shard)
+  # Indices None: plain causal self-attention (lets the splash backend use its causal mask).
+  kv = KV(k_BLHK, v_BLHK, segment_ids_BL, None)
+  return attend_and_mlp(p, x_BLD, q_BLHK, kv, segment_ids_BL, None, dtype=dtype,
+                        activation=activation, attention_backend=attention_backend, shard=shard)

@@ -1,0 +1,220 @@
+"""The decoder (cm3leon_jax/model/): forward against a plain numpy reference, packing, init,
+attention backends, logical axis names, bad configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cm3leon_jax import configs
+from cm3leon_jax.errors import InputError
+from cm3leon_jax.model import attention as A
+from cm3leon_jax.model.decoder import Decoder, DecoderConfig, param_count
+from cm3leon_jax.train.synthetic import synthetic_batch
+
+
+def tiny(*overrides):
+  return configs.load("tiny", list(overrides))
+
+
+def make(*overrides, seed=0, randomise_zero_init=True):
+  """A tiny decoder; zero-initialised projections get random values so every path matters."""
+  model = Decoder(DecoderConfig.from_config(tiny(*overrides)), rngs=nnx.Rngs(seed))
+  if randomise_zero_init:
+    rng = np.random.default_rng(seed + 1)
+    for name in ("wo", "w_out"):
+      p = getattr(model.layers, name)
+      p[...] = jnp.asarray(rng.normal(0, 0.05, p.shape), p.dtype)
+    if hasattr(model, "head"):
+      model.head[...] = jnp.asarray(rng.normal(0, 0.05, model.head.shape), jnp.float32)
+  return model
+
+
+# --- a straightforward reference: one sequence, one head at a time, plain numpy ---------------
+def ref_layer_norm(x):
+  return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+
+
+def ref_forward(model: Decoder, inputs, positions, segment_ids):
+  cfg = model.cfg
+  p = {k: np.asarray(v, np.float64) for k, v in model.layers.arrays().items()}
+  embed, pos = np.asarray(model.embed[...], np.float64), np.asarray(model.pos_embed[...], np.float64)
+  out = []
+  for row in range(inputs.shape[0]):
+    x = embed[inputs[row]] + pos[positions[row]]
+    L = x.shape[0]
+    for layer in range(cfg.num_layers):
+      h = ref_layer_norm(x)
+      attn = np.zeros((L, cfg.num_heads, cfg.head_dim))
+      for head in range(cfg.num_heads):
+        q = h @ p["wq"][layer][:, head]
+        k = h @ p["wk"][layer][:, head]
+        v = h @ p["wv"][layer][:, head]
+        if cfg.qk_norm:
+          q, k = ref_layer_norm(q), ref_layer_norm(k)
+        for i in range(L):
+          visible = [j for j in range(i + 1) if segment_ids[row, j] == segment_ids[row, i]]
+          s = np.array([q[i] @ k[j] for j in visible]) / np.sqrt(cfg.head_dim)
+          w = np.exp(s - s.max())
+          attn[i, head] = (w / w.sum()) @ v[visible]
+      x = x + np.einsum("LHK,HKD->LD", attn, p["wo"][layer])
+      h = ref_layer_norm(x)
+      up = h @ p["w_in"][layer]
+      if cfg.activation == "relu":
+        act = np.maximum(up, 0)
+      elif cfg.activation == "swiglu":
+        gate = h @ p["w_gate"][layer]
+        act = gate / (1 + np.exp(-gate)) * up
+      else:
+        raise NotImplementedError(cfg.activation)
+      x = x + act @ p["w_out"][layer]
+    head = embed.T if cfg.tie_embeddings else np.asarray(model.head[...], np.float64)
+    out.append(ref_layer_norm(x) @ head)
+  return np.stack(out)
+
+
+def small_batch(config, rows=2, length=24):
+  """A packed batch cut to `length` tokens: two sequences in row 0, one + padding in row 1."""
+  b = synthetic_batch(config, rows, seed=3)
+  seg = np.zeros((rows, length), np.int32)
+  seg[0, :10], seg[0, 10:] = 1, 2
+  seg[1, :17] = 1
+  pos = np.zeros_like(seg)
+  for r in range(rows):
+    for s in np.unique(seg[r]):
+      idx = np.flatnonzero(seg[r] == s)
+      pos[r, idx] = np.arange(len(idx))
+  return b["inputs"][:, :length], pos, seg
+
+
+@pytest.mark.parametrize("overrides", [
+    (),
+    ("model.qk_norm=True", "model.tie_embeddings=False", "model.activation=swiglu",
+     "model.scan_layers=False"),
+], ids=["paper", "qknorm_untied_swiglu_unrolled"])
+def test_forward_matches_numpy_reference_in_float32(overrides):
+  model = make(*overrides)
+  inputs, positions, segs = small_batch(tiny())
+  logits = model(jnp.asarray(inputs), jnp.asarray(positions), jnp.asarray(segs))
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 24, model.cfg.vocab_size)
+  np.testing.assert_allclose(np.asarray(logits), ref_forward(model, inputs, positions, segs),
+                             atol=2e-4, rtol=1e-3)
+
+
+def test_scanned_and_unrolled_layers_agree():
+  inputs, positions, segs = small_batch(tiny())
+  a = make()(inputs, positions, segs)
+  b = make("model.scan_layers=False", "model.remat_policy=nothing_saveable")(inputs, positions, segs)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_packed_sequences_do_not_see_each_other():
+  model = make()
+  inputs, positions, segs = small_batch(tiny())
+  changed = inputs.copy()
+  changed[0, :10] = (changed[0, :10] + 7) % model.cfg.vocab_size  # rewrite sequence 1 of row 0
+  a = np.asarray(model(inputs, positions, segs))
+  b = np.asarray(model(changed, positions, segs))
+  np.testing.assert_array_equal(a[0, 10:], b[0, 10:])  # sequence 2 unaffected
+  assert np.abs(a[0, :10] - b[0, :10]).max() > 1e-3
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = make("model.dtype=bfloat16")
+  inputs, positions, segs = small_batch(tiny())
+  logits = model(inputs, positions, segs)
+  assert logits.dtype == jnp.float32
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model)))
+  ref = make()(inputs, positions, segs)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=0.05)
+
+
+def test_init_follows_the_paper():
+  config = tiny("model.tie_embeddings=False", "model.d_model=256", "model.num_heads=8")
+  model = Decoder(DecoderConfig.from_config(config), rngs=nnx.Rngs(0))
+  embed = np.asarray(model.embed[...])
+  assert abs(embed.std() - 0.006 * 0.986) < 2e-4  # std of N(0, 0.006) truncated at 3 std
+  assert np.abs(embed).max() <= 3 * 0.006 + 1e-9
+  assert abs(np.asarray(model.pos_embed[...]).std() - 0.0002 * 0.986) < 1e-5
+  for name in ("wo", "w_out"):
+    assert not np.asarray(getattr(model.layers, name)[...]).any()
+  assert not np.asarray(model.head[...]).any()  # untied head: an output layer, starts at 0
+  wq = np.asarray(model.layers.wq[...])
+  assert abs(wq.std() - 0.006 * 0.986) < 2e-4
+  assert not np.allclose(wq[0], wq[1])  # layers are initialised independently
+
+
+def test_every_parameter_has_logical_axis_names():
+  model = make("model.tie_embeddings=False", "model.activation=swiglu", randomise_zero_init=False)
+  params = jax.tree.leaves(nnx.state(model, nnx.Param),
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  known = {name for name, _ in tiny().mesh.axis_rules}
+  for p in params:
+    axes = p.get_metadata()["out_sharding"]
+    assert len(axes) == p.ndim and set(axes) <= known, axes
+  assert sum(p.size for p in params) == param_count(model.cfg)
+
+
+def test_param_count_by_hand():
+  cfg = DecoderConfig.from_config(tiny())  # 2 layers, d 64, ff 256, vocab 512, seq 128
+  per_layer = 4 * 64 * 64 + 2 * 64 * 256
+  assert param_count(cfg, embeddings=False) == 2 * per_layer
+  assert param_count(cfg) == 2 * per_layer + 512 * 64 + 128 * 64
+
+
+def _qkv(B=2, L=128, H=2, K=32, seed=0):
+  r = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(r.normal(size=(B, L, H, K)), jnp.float32) for _ in range(3))
+  seg = np.ones((B, L), np.int32)
+  seg[0, 50:], seg[0, 100:], seg[1, 90:] = 2, 0, 0
+  return q, k, v, jnp.asarray(seg)
+
+
+def test_attention_reference_is_causal_and_segment_local():
+  q, k, v, seg = _qkv()
+  out = A.attention(q, k, v, seg, seg, backend="xla")
+  # Token 50 of row 0 starts segment 2: it sees only itself, so its output is its own value.
+  np.testing.assert_allclose(out[0, 50], v[0, 50], atol=1e-6)
+  np.testing.assert_allclose(out[1, 0], v[1, 0], atol=1e-6)
+
+
+def test_cudnn_path_matches_reference():
+  """Same `jax.nn.dot_product_attention` call as on GPU (its XLA implementation on CPU)."""
+  q, k, v, seg = _qkv()
+  idx = jnp.broadcast_to(jnp.arange(128), (2, 128))
+  out = A.cudnn_attention(q, k, v, A.attention_mask(seg, seg, idx, idx))
+  np.testing.assert_allclose(out, A.attention(q, k, v, seg, seg, backend="xla"), atol=1e-5)
+
+
+def test_splash_kernel_matches_reference_with_segment_ids():
+  """Pallas splash attention (TPU kernel) in interpret mode on CPU."""
+  q, k, v, seg = _qkv()
+  out = A.splash_attention(q, k, v, seg, seg, interpret=True)
+  np.testing.assert_allclose(out, A.attention(q, k, v, seg, seg, backend="xla"), atol=1e-5)
+
+
+def test_cached_style_indices_equal_self_attention():
+  """Keys in cache slots past the query index are invisible (what a KV cache relies on)."""
+  q, k, v, seg = _qkv()
+  full = A.attention(q, k, v, seg, seg, backend="xla")
+  idx = jnp.broadcast_to(jnp.arange(128), (2, 128))
+  last = A.attention(q[:, 40:41], k, v, seg[:, 40:41], seg, idx[:, 40:41], idx, backend="xla")
+  np.testing.assert_allclose(last[:, 0], full[:, 40], atol=1e-6)
+
+
+def test_auto_backend_per_platform():
+  assert A.resolve_backend("auto", "cpu") == "xla"
+  assert A.resolve_backend("auto", "gpu") == "cudnn"
+  assert A.resolve_backend("auto", "tpu") == "splash"
+  with A.compiling_for_tpu():
+    assert A.resolve_backend("auto") == "splash"
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (("model.num_heads=3",), "model.num_heads=3"),
+    (("model.head_dim=16",), "model.head_dim=16"),
+])
+def test_heads_that_do_not_divide_d_model_are_an_input_error(overrides, field):
+  with pytest.raises(InputError, match=field):
+    DecoderConfig.from_config(tiny(*overrides))
