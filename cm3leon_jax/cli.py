@@ -24,7 +24,8 @@ EXIT_NOT_BUILT = 3
 # (it defines add_arguments(parser) and run(args, config) -> exit status), or, while the
 # command's issue has not landed, the issue that builds it. Order follows the data flow.
 COMMANDS = {
-    "data": ("build a TFDS dataset (shapes | coco_captions | image_text_folder)", "issue 3"),
+    "data": ("build a TFDS dataset (shapes | coco_captions | image_text_folder)",
+             "cm3leon_jax.data.build"),
     "train-text-tokenizer": ("train the byte-level BPE text tokenizer",
                              "cm3leon_jax.tokenizers.train_text"),
     "train-vq": ("train the VQ image tokenizer", "issue 4"),

@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.vq.steps = 50
   c.data.num_train = 256
   c.data.num_eval = 64
+  c.data.num_heldout = 64
   c.data.num_workers = 0
   c.retrieval.embed_dim = 32
   c.retrieval.text_layers = 1

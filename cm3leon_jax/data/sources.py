@@ -37,8 +37,9 @@ def builder_for(config, name: str | None = None, **kwargs):
         seed=config.data.seed)
     return Shapes(data_dir=data_dir, config=builder_config, **kwargs)
   if name in ("coco_captions", "image_text_folder"):
-    from cm3leon_jax.data.builders import local
-    cls = local.CocoCaptions if name == "coco_captions" else local.ImageTextFolder
+    from cm3leon_jax.data.builders import coco_captions, image_text_folder, local
+    cls = (coco_captions.CocoCaptions if name == "coco_captions"
+           else image_text_folder.ImageTextFolder)
     return cls(data_dir=data_dir, config=local.LocalConfig.make(size), limits=local.Limits(
         max_image_pixels=config.data.max_image_pixels,
         max_caption_chars=config.data.max_caption_chars,
