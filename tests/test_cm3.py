@@ -48,7 +48,8 @@ def test_masked_sequence_is_a_permutation_plus_sentinels_infill_eos(ids, n, seed
   starts, _ = cm3.choose_spans(ids, n, np.random.default_rng(seed), VOCAB)
   out = masked(ids, n, seed)
   k = len(starts)
-  added = [VOCAB.sentinel_id(i) for i in range(k)] * 2 + ([VOCAB.infill_id, VOCAB.eos_id] if k else [])
+  added = [VOCAB.sentinel_id(i) for i in range(k)] * 2
+  added += [VOCAB.infill_id, VOCAB.eos_id] if k else []
   assert collections.Counter(out.tolist()) == collections.Counter(ids.tolist() + added)
 
 

@@ -52,10 +52,11 @@ def task(tmp_path_factory):
 def batches(config, tasks, n, **kwargs):
   it = pipeline.make_iterator(config, tasks, process_index=kwargs.pop("process_index", 0),
                               process_count=kwargs.pop("process_count", 1), **kwargs)
-  out = [next(it) for _ in range(n)]
-  if hasattr(it, "close"):
-    it.close()
-  return out
+  try:
+    return [next(it) for _ in range(n)]
+  finally:
+    if hasattr(it, "close"):
+      it.close()
 
 
 def segments(batch):

@@ -139,7 +139,8 @@ def unmask(ids_M: np.ndarray, vocab: Vocab) -> np.ndarray:
   n = len(body_at)
   expected = np.arange(n) + vocab.sentinel_start
   if (n == 0 or len(tail_at) != n or tail_at[0] != 0
-      or not np.array_equal(body[body_at], expected) or not np.array_equal(tail[tail_at], expected)):
+      or not np.array_equal(body[body_at], expected)
+      or not np.array_equal(tail[tail_at], expected)):
     raise InputError("the CM3 tail does not match the body's sentinels <mask:0>..<mask:n-1>")
   spans = np.split(tail, tail_at[1:])  # each starts with its sentinel
   parts, previous = [], 0

@@ -38,10 +38,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 from typing import Sequence
 
 import grain
-import jax
 from absl import flags
 import numpy as np
 
@@ -69,11 +69,13 @@ class Task:
   weight: float = 1.0
 
 
-def default_tasks(config) -> list[Task]:
-  """Pretraining: the encoded training documents and, with retrieval on, their neighbours."""
+def default_tasks(config, split: str = "train") -> list[Task]:
+  """Pretraining: a split's token documents and, with retrieval on, their neighbours in the
+  training memory bank (`cm3leon encode` / `cm3leon retrieve` name other splits `<dir>-<split>`)."""
   paths = artifacts(config)
-  return [Task("pretrain", paths.tokens,
-               paths.neighbours if config.retrieval.enabled else None)]
+  suffix = "" if split == "train" else f"-{split}"
+  neighbours = paths.neighbours + suffix if config.retrieval.enabled else None
+  return [Task(split, paths.tokens + suffix, neighbours, memory_dir=paths.tokens)]
 
 
 def _num_records(directory: str) -> int:
@@ -114,11 +116,10 @@ class Join:
     return state
 
   def _open(self):
-    if self._sources is None:
+    if self._sources is None and self.task.neighbours_dir:
       source = grain.sources.ArrayRecordDataSource
-      self._sources = (
-          source(records.shard_paths(self.task.neighbours_dir)) if self.task.neighbours_dir else None,
-          source(records.shard_paths(self.memory_dir)) if self.task.neighbours_dir else None)
+      self._sources = (source(records.shard_paths(self.task.neighbours_dir)),
+                       source(records.shard_paths(self.memory_dir)))
     return self._sources
 
   # --- counting -------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class Join:
       raise InputError(f"{self.task.neighbours_dir}: record {doc_id} holds the neighbours of "
                        f"document {owner}; the directory does not match {self.task.tokens_dir}")
     valid = (ids_K >= 0) & (ids_K < self.memory_size)
-    if self.memory_dir == self.task.tokens_dir:
+    if os.path.realpath(self.memory_dir) == os.path.realpath(self.task.tokens_dir):
       valid &= ids_K != doc_id  # a document is never its own neighbour
     self.counts["neighbours"] += len(ids_K)
     if not valid.all():
@@ -241,8 +242,11 @@ def make_dataset(config, tasks: Sequence[Task] | None = None, *, batch_size: int
   `num_workers` overrides data.num_workers. `read_threads` > 0 reads examples on that many
   threads inside each process (useful when retrieval reads dominate; 0: in order).
   """
-  process_index = jax.process_index() if process_index is None else int(process_index)
-  process_count = jax.process_count() if process_count is None else int(process_count)
+  if process_index is None or process_count is None:
+    import jax  # here, not at the top: Grain's worker processes need no JAX
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  process_index, process_count = int(process_index), int(process_count)
   if batch_size is None:
     if config.train.batch_size % process_count:
       raise InputError(f"--config.train.batch_size={config.train.batch_size} is not divisible "

@@ -40,7 +40,8 @@ def random_neighbours(n: int, k: int, rng: np.random.Generator) -> list[np.ndarr
   return out
 
 
-def write_token_documents(directory: str, vocab: Vocab, docs: list, meta: dict | None = None) -> int:
+def write_token_documents(directory: str, vocab: Vocab, docs: list,
+                          meta: dict | None = None) -> int:
   """Documents (segment lists or ready id arrays) -> a token-document record directory."""
   def encoded():
     for doc_id, doc in enumerate(docs):
