@@ -124,3 +124,13 @@ def test_bad_images_are_input_errors(image):
 def test_prompt_without_objects_is_an_input_error():
   with pytest.raises(InputError, match="no Shapes object"):
     analyzer.score_prompt(np.zeros((32, 32, 3), np.uint8), "a photo of a dog")
+
+
+def test_score_batch_averages_and_checks_lengths():
+  scenes = [shapes.scene_at(0, i) for i in range(4)]
+  images = np.stack([shapes.render(s, 32) for s in scenes])
+  images[3] = shapes.BACKGROUNDS["white"]  # an empty canvas: every attribute of scene 3 wrong
+  result = analyzer.score_batch(images, scenes)
+  assert result["all"] == 0.75 and result["colour"] == 0.75 and result["count"] == 0.75
+  with pytest.raises(InputError, match="4 images but 3 scenes"):
+    analyzer.score_batch(images, scenes[:3])

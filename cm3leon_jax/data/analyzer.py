@@ -7,6 +7,7 @@ The judge of every Shapes experiment (VQ reconstructions, generated images, edit
     score_scene(image_HW3, scene)                 # {'colour', 'shape', 'size', 'position',
                                                   #  'count', 'all'} in [0, 1]
     score_prompt(image_HW3, "a large red circle at the top left and a ...")   # same keys
+    score_batch(images_NHW3, scenes)              # mean of score_scene over a batch
 
 How it works (and why it survives blur, colour noise and JPEG-like artefacts): objects sit in
 fixed cells of a 3x3 grid, so each cell is judged on its own window. The background colour is
@@ -263,4 +264,13 @@ def score_prompt(image, prompt: str) -> dict[str, float]:
 
 def mean_scores(scores: Sequence[dict[str, float]]) -> dict[str, float]:
   """Average of score dicts, per metric."""
+  if not scores:
+    raise InputError("mean_scores: no scores to average")
   return {k: float(np.mean([s[k] for s in scores])) for k in METRICS}
+
+
+def score_batch(images_NHW3, scenes: Sequence[shapes.Scene]) -> dict[str, float]:
+  """Mean score_scene over a batch (e.g. VQ reconstructions against their source scenes)."""
+  if len(images_NHW3) != len(scenes):
+    raise InputError(f"score_batch: {len(images_NHW3)} images but {len(scenes)} scenes")
+  return mean_scores([score_scene(image, scene) for image, scene in zip(images_NHW3, scenes)])

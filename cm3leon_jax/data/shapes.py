@@ -199,6 +199,19 @@ def object_sdf(obj: Obj, size: int) -> np.ndarray:
   return _sdf(obj.shape, xs - cx, ys - cy, h).astype(np.float32)
 
 
+def _window_sdf(obj: Obj, size: int) -> tuple[slice, slice, np.ndarray]:
+  """The object's signed distance on its cell's pixels plus one pixel of margin (outside that
+  the coverage and edge ramps are exactly 0): 1/9 of the canvas' work."""
+  cell = size / 3
+  y0, x0 = max(0, int(obj.row * cell) - 1), max(0, int(obj.col * cell) - 1)
+  y1, x1 = min(size, int(np.ceil((obj.row + 1) * cell)) + 1), min(size, int(np.ceil(
+      (obj.col + 1) * cell)) + 1)
+  cx, cy, h = object_frame(obj, size)
+  xs = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx
+  ys = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy
+  return slice(y0, y1), slice(x0, x1), _sdf(obj.shape, xs, ys, h).astype(np.float32)
+
+
 def coverage(obj: Obj, size: int) -> np.ndarray:
   """float32 HxW in [0, 1]: antialiased coverage (a one-pixel ramp across the outline)."""
   return np.clip(0.5 - object_sdf(obj, size), 0.0, 1.0)
@@ -210,8 +223,10 @@ def render(scene: Scene, size: int) -> np.ndarray:
   image = np.empty((size, size, 3), np.float32)
   image[:] = BACKGROUNDS[scene.background]
   for obj in scene.objects:
-    alpha = coverage(obj, size)[..., None]
-    image += alpha * (np.asarray(COLOURS[obj.colour], np.float32) - image)
+    ys, xs, sdf = _window_sdf(obj, size)
+    alpha = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]
+    window = image[ys, xs]
+    window += alpha * (np.asarray(COLOURS[obj.colour], np.float32) - window)
   return np.rint(image).astype(np.uint8)
 
 
@@ -229,7 +244,8 @@ def segmentation(scene: Scene, size: int) -> np.ndarray:
   size = _check_size(size)
   labels = np.zeros((size, size), np.int32)
   for obj in scene.objects:
-    labels[coverage(obj, size) >= 0.5] = 1 + SHAPES.index(obj.shape)
+    ys, xs, sdf = _window_sdf(obj, size)
+    labels[ys, xs][sdf <= 0.0] = 1 + SHAPES.index(obj.shape)  # coverage >= 1/2
   return labels
 
 
@@ -243,7 +259,8 @@ def edge_map(scene: Scene, size: int) -> np.ndarray:
   size = _check_size(size)
   edges = np.zeros((size, size), np.float32)
   for obj in scene.objects:
-    edges = np.maximum(edges, np.clip(1.0 - np.abs(object_sdf(obj, size)), 0.0, 1.0))
+    ys, xs, sdf = _window_sdf(obj, size)
+    edges[ys, xs] = np.maximum(edges[ys, xs], np.clip(1.0 - np.abs(sdf), 0.0, 1.0))
   return np.repeat(np.rint(edges * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
