@@ -59,7 +59,10 @@ def initial_state(vocab: Vocab, prompts_BL: np.ndarray, prompt_lens_B: np.ndarra
 def allowed_mask(state: ModalityState, positions_B: jax.Array, vocab: Vocab,
                  tokens_per_image: int, max_len: int, allow_images: bool = True,
                  allow_text: bool = True) -> jax.Array:
-  """[B, V] bool: the ids each row may emit at `positions_B` (the index the new token gets)."""
+  """[B, V] bool: the ids each row may emit at `positions_B` (the index the new token gets).
+
+  `max_len` (scalar or per-row [B]) is the row's length limit: no token at or past it.
+  """
   ids_V = jnp.arange(vocab.size)
   is_image_V = (ids_V >= vocab.image_start) & (ids_V < vocab.image_end)
   is_text_V = (ids_V >= vocab.text_start) & (ids_V < vocab.image_start)
@@ -67,8 +70,9 @@ def allowed_mask(state: ModalityState, positions_B: jax.Array, vocab: Vocab,
   in_image = image_left > 0
   closing = image_left == 0
   # Room for N image tokens, the closing <break> and an <eos> after the opening <break>.
-  room = (positions_B[:, None] + tokens_per_image + 2) < max_len
-  last_slot = positions_B[:, None] >= max_len - 1
+  max_len_B1 = jnp.broadcast_to(jnp.asarray(max_len), positions_B.shape)[:, None]
+  room = (positions_B[:, None] + tokens_per_image + 2) < max_len_B1
+  last_slot = positions_B[:, None] >= max_len_B1 - 1
   text_ok = (is_text_V[None] & allow_text & ~last_slot) | (ids_V == vocab.eos_id)[None]
   text_ok = text_ok | ((ids_V == vocab.break_id)[None] & room & allow_images & ~last_slot)
   mask = jnp.where(in_image, is_image_V[None], text_ok)

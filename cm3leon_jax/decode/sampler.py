@@ -1,0 +1,211 @@
+"""The compiled sampler: prefill, then one jitted `lax.while_loop` over a static KV cache.
+
+Guidance streams run in one batch. With S streams and B prompts the cache holds S*B rows:
+
+    stream 0: the full (conditional) prompt              -- always
+    stream 1: the unconditional prompt (text -> <mask:0>) -- CFG, CD-K, mixed pools
+    stream 2: the image-only-conditional prompt           -- two-weight (editing) guidance
+
+Every step combines the streams' logits into one score per token (plain, CFG, two-weight CFG,
+or CD-K, chosen per row for "mixed" pools), applies the modality constraints, samples one token
+per prompt and feeds it to every stream. No Python runs per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cm3leon_jax.decode import constraints as C
+from cm3leon_jax.decode.cache import KVCache, forward_cached, init_cache
+from cm3leon_jax.decode.cdk import cdk_scores
+from cm3leon_jax.decode.guidance import cfg, cfg_two
+from cm3leon_jax.decode.sampling import sample, top_k_filter, top_p_filter
+from cm3leon_jax.errors import InputError
+from cm3leon_jax.model.decoder import Decoder
+from cm3leon_jax.tokenizers.vocab import Vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """The static part of a decode call (changing it recompiles)."""
+  num_streams: int = 1            # 1 plain, 2 CFG / CD-K, 3 two-weight guidance
+  max_new_tokens: int = 64
+  tokens_per_image: int = 1024
+  top_k: int = 0
+  cdk_k: int = 8
+  allow_images: bool = True       # may text open a new image with <break>
+  allow_text: bool = True
+  stop_after_image: bool = False  # text-to-image: stop once the image is closed
+
+
+class SamplerKnobs(NamedTuple):
+  """The dynamic part (arrays; changing them does not recompile). Per-prompt where [B]."""
+  temperature_B: jax.Array
+  top_p_B: jax.Array
+  use_cdk_B: jax.Array     # bool: CD-K for this row instead of guided top-p
+  cfg_weight: jax.Array    # scalar: 2-stream guidance weight
+  image_weight: jax.Array  # scalar: 3-stream guidance
+  text_weight: jax.Array
+  cdk_alpha: jax.Array
+
+
+def make_knobs(batch: int, temperature=1.0, top_p=1.0, use_cdk=False, cfg_weight=1.0,
+               image_weight=1.5, text_weight=7.5, cdk_alpha=0.1) -> SamplerKnobs:
+  """Validate and broadcast knobs; bad values are InputErrors before anything compiles."""
+  t = np.broadcast_to(np.asarray(temperature, np.float32), (batch,))
+  p = np.broadcast_to(np.asarray(top_p, np.float32), (batch,))
+  if (t < 0).any():
+    raise InputError(f"decoding.temperature={temperature}: must be >= 0")
+  if ((p <= 0) | (p > 1)).any():
+    raise InputError(f"decoding.top_p={top_p}: must lie in (0, 1]")
+  for name, w in (("cfg_weight", cfg_weight), ("image_weight", image_weight),
+                  ("text_weight", text_weight)):
+    if w < 0:
+      raise InputError(f"decoding.{name}={w}: guidance weights must be >= 0")
+  if not 0 < cdk_alpha <= 1:
+    raise InputError(f"decoding.cdk_alpha={cdk_alpha}: must lie in (0, 1]")
+  return SamplerKnobs(jnp.asarray(t), jnp.asarray(p),
+                      jnp.broadcast_to(jnp.asarray(use_cdk, bool), (batch,)),
+                      jnp.float32(cfg_weight), jnp.float32(image_weight),
+                      jnp.float32(text_weight), jnp.float32(cdk_alpha))
+
+
+class Prompts(NamedTuple):
+  """Left-padded prompts of all streams: [S*B, P] ids, segment ids (0 = padding), positions."""
+  ids: np.ndarray
+  segment_ids: np.ndarray
+  positions: np.ndarray
+  lengths_B: np.ndarray  # stream-0 prompt lengths (the constraint state's positions)
+
+
+def pad_prompts(streams: list[list[np.ndarray]], seq_len: int, max_new_tokens: int) -> Prompts:
+  """streams[s][b] = 1-D ids of prompt b in stream s -> one left-padded [S*B, P] batch."""
+  rows = [np.asarray(p, np.int32) for stream in streams for p in stream]
+  width = max(len(r) for r in rows)
+  if min(len(r) for r in rows) == 0:
+    raise InputError("an empty prompt: every prompt needs at least its leading <eos>")
+  longest = max(len(r) for r in rows)
+  if longest + max_new_tokens > seq_len:
+    raise InputError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the "
+                     f"model's {seq_len}-token window (model.seq_len)")
+  ids = np.zeros((len(rows), width), np.int32)
+  seg = np.zeros_like(ids)
+  pos = np.zeros_like(ids)
+  for i, r in enumerate(rows):
+    ids[i, width - len(r):] = r
+    seg[i, width - len(r):] = 1
+    pos[i, width - len(r):] = np.arange(len(r))
+  return Prompts(ids, seg, pos, np.array([len(p) for p in streams[0]], np.int32))
+
+
+def _combine(logits_SBV, mask_BV, knobs: SamplerKnobs, spec: SamplerSpec):
+  """Stream logits -> one masked score per token, [B, V]."""
+  masked = jnp.where(mask_BV[None], logits_SBV, -jnp.inf)
+  cond = masked[0]
+  if spec.num_streams == 1:
+    guided = jax.nn.log_softmax(cond, axis=-1)
+  elif spec.num_streams == 2:
+    guided = cfg(cond, masked[1], knobs.cfg_weight)
+  else:
+    guided = cfg_two(masked[1], masked[2], cond, knobs.image_weight, knobs.text_weight)
+  guided = top_p_filter(top_k_filter(guided, spec.top_k), knobs.top_p_B)
+  if spec.num_streams >= 2:
+    contrastive = cdk_scores(cond, masked[1], spec.cdk_k, knobs.cdk_alpha)
+    guided = jnp.where(knobs.use_cdk_B[:, None], contrastive, guided)
+  return jnp.where(mask_BV, guided, -jnp.inf)
+
+
+class _Carry(NamedTuple):
+  step: jax.Array
+  cache: KVCache
+  tokens_B: jax.Array
+  state: C.ModalityState
+  rng: jax.Array
+  out_BT: jax.Array
+
+
+def _step_token(logits_SBV, state, rng, step, prompts_len_B, knobs, spec, vocab):
+  positions_B = prompts_len_B + step
+  # A row ends at its prompt length + max_new_tokens (never past model.seq_len: pad_prompts).
+  mask_BV = C.allowed_mask(state, positions_B, vocab, spec.tokens_per_image,
+                           prompts_len_B + spec.max_new_tokens, spec.allow_images,
+                           spec.allow_text)
+  scores_BV = _combine(logits_SBV, mask_BV, knobs, spec)
+  tokens_B = sample(rng, scores_BV, knobs.temperature_B)
+  state = C.update(state, tokens_B, vocab, spec.tokens_per_image, spec.stop_after_image)
+  return tokens_B, state
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "vocab"))
+def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, lengths_B, state, rng, knobs,
+              *, spec: SamplerSpec, vocab: Vocab):
+  """Prefill + decode loop in one program: the cache is created, updated in place by the
+  while_loop and dropped inside XLA, never copied to or from the host."""
+  model = nnx.merge(graphdef, params)
+  rows, width = prompt_ids.shape
+  batch = rows // spec.num_streams
+  cache = init_cache(model, rows, width + spec.max_new_tokens)
+  logits, cache = forward_cached(model, cache, prompt_ids, prompt_pos, prompt_seg, jnp.int32(0))
+  rng, key = jax.random.split(rng)
+  logits_SBV = logits[:, -1].reshape(spec.num_streams, batch, -1)
+  tokens_B, state = _step_token(logits_SBV, state, key, 0, lengths_B, knobs, spec, vocab)
+  out_BT = jnp.full((batch, spec.max_new_tokens), vocab.pad_id, jnp.int32).at[:, 0].set(tokens_B)
+  next_pos_SB = prompt_pos[:, -1] + 1  # position of the first generated token, per row
+
+  def cond_fn(c: _Carry):
+    return (c.step < spec.max_new_tokens) & ~jnp.all(c.state.done_B)
+
+  def body_fn(c: _Carry):
+    rng, key = jax.random.split(c.rng)
+    # Feed the last sampled token (number step-1) to every stream at slot width + step - 1.
+    tokens_SB = jnp.tile(c.tokens_B, spec.num_streams)[:, None]
+    positions = (next_pos_SB + c.step - 1)[:, None]
+    logits, cache = forward_cached(model, c.cache, tokens_SB, positions,
+                                   jnp.ones_like(tokens_SB), width + c.step - 1)
+    logits_SBV = logits[:, 0].reshape(spec.num_streams, batch, -1)
+    tokens_B, state = _step_token(logits_SBV, c.state, key, c.step, lengths_B, knobs, spec,
+                                  vocab)
+    out_BT = c.out_BT.at[:, c.step].set(tokens_B)
+    return _Carry(c.step + 1, cache, tokens_B, state, rng, out_BT)
+
+  final = jax.lax.while_loop(cond_fn, body_fn,
+                             _Carry(jnp.int32(1), cache, tokens_B, state, rng, out_BT))
+  return final.out_BT, final.state.done_B
+
+
+def generate(model: Decoder, vocab: Vocab, streams: list[list[np.ndarray]], spec: SamplerSpec,
+             knobs: SamplerKnobs, rng: jax.Array, state: C.ModalityState | None = None):
+  """Sample `spec.max_new_tokens` tokens after each prompt.
+
+  `streams` holds `spec.num_streams` lists of B prompts (1-D global ids, each starting with
+  `<eos>`). Returns (tokens [B, max_new_tokens] int32 padded with `<pad>` after a row ends,
+  done [B] bool).
+  """
+  if len(streams) != spec.num_streams:
+    raise InputError(f"{len(streams)} prompt streams given, the sampler expects "
+                     f"{spec.num_streams}")
+  if len({len(s) for s in streams}) != 1:
+    raise InputError("every guidance stream needs one prompt per batch row")
+  if spec.max_new_tokens < 1:
+    raise InputError(f"max_new_tokens={spec.max_new_tokens}: must be >= 1")
+  if spec.top_k < 0:
+    raise InputError(f"decoding.top_k={spec.top_k}: must be >= 0 (0 = off)")
+  if spec.num_streams >= 2 and spec.cdk_k < 1:
+    raise InputError(f"decoding.cdk_k={spec.cdk_k}: must be >= 1")
+  prompts = pad_prompts(streams, model.cfg.seq_len, spec.max_new_tokens)
+  batch = len(streams[0])
+  if state is None:
+    stream0 = np.stack([np.roll(row, n) for row, n in zip(prompts.ids[:batch], prompts.lengths_B)])
+    state = C.initial_state(vocab, stream0, prompts.lengths_B, spec.tokens_per_image)
+  graphdef, params = nnx.split(model)
+  out_BT, done_B = _generate(graphdef, params, prompts.ids, prompts.segment_ids, prompts.positions,
+                             jnp.asarray(prompts.lengths_B), state, rng, knobs, spec=spec,
+                             vocab=vocab)
+  return np.asarray(out_BT), np.asarray(done_B)
