@@ -44,6 +44,15 @@ def test_shapes_read_through_grain_equal_direct_reads(built_shapes):
     assert r["text"] == direct["text"] and np.array_equal(r["image"], direct["image"])
 
 
+def test_image_source_yields_the_images_alone(built_shapes):
+  images = sources.image_source(built_shapes, "eval")
+  records = sources.image_text_source(built_shapes, "eval")
+  assert len(images) == 8
+  assert all(np.array_equal(images[i], records[i]["image"]) for i in range(8))
+  with pytest.raises(IndexError):
+    images[8]
+
+
 def test_shapes_heldout_split_has_only_scenes_with_heldout_pairs(built_shapes):
   for record in sources.image_text_source(built_shapes, "heldout"):
     assert {(o.colour, o.shape) for o in record["scene"].objects} & shapes.HELDOUT_PAIRS
@@ -112,6 +121,19 @@ def test_coco_bad_image_skips_all_its_captions(tmp_path):
                         str(tmp_path / "coco"))
   assert common.read_skips(builder)["train"] == {"empty_file": 2}
   assert builder.info.splits["train"].num_examples == 4
+
+
+def test_coco_bad_caption_skips_only_that_caption(tmp_path):
+  make_coco(tmp_path / "coco")
+  path = tmp_path / "coco" / "annotations" / "captions_val2017.json"
+  data = json.loads(path.read_text())
+  data["annotations"][0]["caption"] = "   "
+  data["annotations"].append({"id": 999, "image_id": 12345, "caption": "no such image"})
+  path.write_text(json.dumps(data))
+  builder = build.build(local_config(tmp_path, "data.max_skipped_fraction=0.5"), "coco_captions",
+                        str(tmp_path / "coco"))
+  assert common.read_skips(builder)["eval"] == {"empty_caption": 1, "unknown_image_id": 1}
+  assert builder.info.splits["eval"].num_examples == 3
 
 
 def test_coco_without_annotations_is_an_input_error(tmp_path):

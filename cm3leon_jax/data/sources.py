@@ -5,6 +5,7 @@
                                                       #  'source': str, 'id': int,
                                                       #  + 'scene': shapes.Scene for Shapes}
     grain.MapDataset.source(source).shuffle(seed=0).batch(64)   # feeds Grain directly
+    images = image_source(config, "train")            # images[i]: uint8 [S, S, 3] only (VQ)
 
 The dataset must have been built first (`cm3leon data build <name>`); a missing one is an
 InputError that says which command builds it. Splits: `train`, `eval` (all datasets) and
@@ -102,3 +103,30 @@ def image_text_source(config, split: str = "train", name: str | None = None) -> 
   if split not in builder.info.splits:
     raise InputError(f"dataset {name}: no split {split!r} (has {sorted(builder.info.splits)})")
   return ImageTextSource(builder.as_data_source(split=split), name, split)
+
+
+class ImageSource:
+  """Only the images of an ImageTextSource (uint8 [S, S, 3]); skips decoding the text fields."""
+
+  def __init__(self, source: ImageTextSource):
+    self._source = source._source
+    self.name, self.split = source.name, source.split
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"{self}: index {index} out of range")
+    return np.asarray(self._source[index % len(self)]["image"], np.uint8)
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def __repr__(self):
+    return f"ImageSource({self.name}, {self.split}, {len(self)} images)"
+
+
+def image_source(config, split: str = "train", name: str | None = None) -> ImageSource:
+  """image_text_source's images alone: what the VQ tokenizer trains on."""
+  return ImageSource(image_text_source(config, split, name))
