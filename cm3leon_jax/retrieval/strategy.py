@@ -81,10 +81,14 @@ def select_neighbours(query_id: int, candidates: Sequence[tuple[np.ndarray, np.n
 
 def neighbours_for_batch(index, doc_unit_ND: np.ndarray, query_ids_B: np.ndarray,
                          queries_by_modality: Sequence[np.ndarray], k_per_modality: int,
-                         max_score: float) -> list[np.ndarray]:
-  """Search by every modality and apply the rules for a batch of bank documents.
+                         max_score: float, query_units_BD: np.ndarray | None = None
+                         ) -> list[np.ndarray]:
+  """Search by every modality and apply the rules for a batch of queries.
 
+  query_ids_B: the queries' bank doc ids (-1 for a query from outside the bank).
   queries_by_modality: per modality, [B, D] query embeddings (after query dropout).
+  query_units_BD: the queries' normalised document embeddings for the near-duplicate rule
+  (default: their rows of `doc_unit_ND`, for queries from the bank).
   Candidates are over-fetched; a query whose candidates run out (many duplicates) is searched
   again with 4x more, up to the whole bank. Returns per query an int64 array of ids.
   """
@@ -97,8 +101,9 @@ def neighbours_for_batch(index, doc_unit_ND: np.ndarray, query_ids_B: np.ndarray
     retry = []
     for j, b in enumerate(todo):
       qid = int(query_ids_B[b])
+      query_unit = doc_unit_ND[qid] if query_units_BD is None else query_units_BD[b]
       order, counts = select_neighbours(qid, [(ids[j], s[j]) for ids, s in results],
-                                        doc_unit_ND, doc_unit_ND[qid], k_per_modality, max_score)
+                                        doc_unit_ND, query_unit, k_per_modality, max_score)
       if min(counts) < k_per_modality and fetch < n:
         retry.append(b)
       else:

@@ -1,0 +1,251 @@
+"""`cm3leon train-retriever`: contrastive (InfoNCE) training of the dual encoder.
+
+    cm3leon train-retriever --config quickstart [--steps N]
+
+Reads image-text pairs (the dataset's train split), tokenises captions with the project's text
+tokenizer, and trains data-parallel on the config's ('data', 'fsdp', 'tensor') mesh: the global
+batch is split over data x fsdp, parameters follow the logical axis rules, and the InfoNCE
+logits span the whole global batch (XLA gathers the embeddings). Orbax checkpoints hold the
+model, the optimizer and the Grain iterator, so an interrupted run resumes exactly.
+Checkpoints and metrics.jsonl go to `artifacts(config).retriever`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from cm3leon_jax.errors import InputError
+from cm3leon_jax.paths import artifacts
+from cm3leon_jax.retrieval.encoder import DualEncoder, EncoderConfig, Embedder, info_nce, tokenize
+from cm3leon_jax.train import mesh as mesh_lib
+
+ITEMS = ("model", "optimizer", "data")
+
+
+# --- Set up model and optimizer -------------------------------------------------------------
+def make_optimizer(config, steps: int) -> optax.GradientTransformation:
+  r = config.retrieval
+  warmup = max(1, min(steps // 10, 500))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, r.learning_rate, warmup, max(steps, warmup + 1),
+                                                end_value=r.learning_rate * 0.1)
+  # CLIP's recipe: AdamW with a short beta2 horizon; no decay on the temperature.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+                                 mask=decay_mask))
+
+
+def init_sharded(config, mesh, steps: int, seed: int = 0):
+  """(model, optimizer) created directly with their shardings (JAX_NOTES.md, NNX sharded init)."""
+  cfg = EncoderConfig.from_config(config)
+  tx = make_optimizer(config, steps)
+
+  def make():
+    model = DualEncoder(cfg, rngs=nnx.Rngs(seed))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.axis_rules(config)):
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = nnx.get_named_sharding(abstract, mesh)
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+# --- Input pipeline -------------------------------------------------------------------------
+class _Prepare(grain.transforms.Map):
+  def __init__(self, tokenizer, max_len):
+    self.tokenizer, self.max_len = tokenizer, max_len
+
+  def map(self, example):
+    ids, mask = tokenize(self.tokenizer, [example["text"]], self.max_len)
+    return {"ids": ids[0], "mask": mask[0], "image": np.asarray(example["image"], np.uint8)}
+
+
+def pair_dataset(source, tokenizer, config, local_batch: int, seed: int) -> grain.IterDataset:
+  """Shuffled, repeated, tokenised batches of this process's share of `source` (random-access
+  pairs {'image': uint8 HxWx3, 'text': str|bytes})."""
+  if len(source) < local_batch:
+    raise InputError(f"the training set has {len(source)} pairs, fewer than one batch of "
+                     f"{local_batch} (--config.retrieval.batch_size)")
+  ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+  ds = ds.shuffle(seed=seed).repeat(None).map(_Prepare(tokenizer, config.retrieval.text_max_len))
+  return ds.batch(local_batch, drop_remainder=True).to_iter_dataset()
+
+
+# --- Update step ----------------------------------------------------------------------------
+def make_train_step(graphdef, state_shardings, mesh):
+  batch_shardings = {"ids": mesh_lib.batch_sharding(mesh, 2), "mask": mesh_lib.batch_sharding(mesh, 2),
+                     "image": mesh_lib.batch_sharding(mesh, 4)}
+
+  def step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+
+    def loss_fn(model):
+      text_BE = model.embed_text(batch["ids"], batch["mask"])
+      image_BE = model.embed_image(batch["image"])
+      return info_nce(text_BE, image_BE, model.logit_scale())
+
+    (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    metrics = {"loss": loss, "accuracy": accuracy, "temperature": 1.0 / model.logit_scale()}
+    return nnx.state((model, optimizer)), metrics
+
+  return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None))
+
+
+# --- Checkpoints ----------------------------------------------------------------------------
+def checkpoint_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_names=ITEMS,
+      item_handlers={"model": ocp.StandardCheckpointHandler(),
+                     "optimizer": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
+
+
+def train(config, source, tokenizer, directory: str | None = None, steps: int | None = None,
+          log_every: int = 25, progress: bool = True) -> dict:
+  """Train (or resume) the dual encoder; returns the last logged metrics."""
+  r = config.retrieval
+  steps = int(steps or r.steps)
+  directory = directory or artifacts(config).retriever
+  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh_lib.check_batch(r.batch_size, mesh, "retrieval.batch_size")
+  local_batch = r.batch_size // jax.process_count()
+  model, optimizer = init_sharded(config, mesh, steps, seed=config.train.seed)
+  graphdef, state = nnx.split((model, optimizer))
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  data_iter = iter(pair_dataset(source, tokenizer, config, local_batch, config.train.seed))
+
+  manager = checkpoint_manager(directory)
+  start = 0
+  if manager.latest_step() is not None:  # resume model, optimizer and data position
+    start = manager.latest_step()
+    model_state, opt_state = nnx.state(model), nnx.state(optimizer)
+    restored = manager.restore(start, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(_abstract(model_state)),
+        optimizer=ocp.args.StandardRestore(_abstract(opt_state)),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    nnx.update(model, restored["model"])
+    nnx.update(optimizer, restored["optimizer"])
+    graphdef, state = nnx.split((model, optimizer))
+
+  step_fn = make_train_step(graphdef, state_shardings, mesh)
+  metrics_path = os.path.join(directory, "metrics.jsonl")
+  last = {}
+  bar = tqdm(range(start, steps), initial=start, total=steps, desc="train-retriever",
+             disable=not progress, dynamic_ncols=True)
+  t0 = time.time()
+  with open(metrics_path, "a") as metrics_file:
+    for step in bar:
+      batch = mesh_lib.global_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      done = step + 1
+      if done % log_every == 0 or done == steps:
+        last = {k: float(v) for k, v in metrics.items()}
+        last.update(step=done, seconds=round(time.time() - t0, 2))
+        metrics_file.write(json.dumps(last) + "\n")
+        metrics_file.flush()
+        bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.2f}",
+                        T=f"{last['temperature']:.3f}")
+        if not np.isfinite(last["loss"]):
+          raise FloatingPointError(f"train-retriever: loss is {last['loss']} at step {done}; "
+                                   "lower --config.retrieval.learning_rate")
+      if done % config.train.checkpoint_every == 0 or done == steps:
+        nnx.update((model, optimizer), state)
+        _save(manager, done, model, optimizer, data_iter)
+  manager.wait_until_finished()
+  manager.close()
+  return last
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _save(manager, step, model, optimizer, data_iter):
+  manager.save(step, args=ocp.args.Composite(
+      model=ocp.args.StandardSave(nnx.state(model)),
+      optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
+      data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+
+
+def load_embedder(config, directory: str | None = None, step: int | None = None,
+                  tokenizer=None, batch_size: int = 256) -> Embedder:
+  """The trained encoder (model item only) + the text tokenizer, ready to embed."""
+  from cm3leon_jax.tokenizers.text import TextTokenizer
+
+  directory = directory or artifacts(config).retriever
+  if not os.path.isdir(directory):
+    raise InputError(f"{directory}: no retriever checkpoints; run `cm3leon train-retriever`")
+  mesh = mesh_lib.make_mesh(config.mesh)
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS,
+                                  item_handlers={"model": ocp.StandardCheckpointHandler()})
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise InputError(f"{directory}: no retriever checkpoints; run `cm3leon train-retriever`")
+  cfg = EncoderConfig.from_config(config)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.axis_rules(config)):
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DualEncoder(cfg, rngs=nnx.Rngs(0))))
+    shardings = nnx.get_named_sharding(abstract, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(target)))
+    except (ValueError, KeyError) as e:
+      raise InputError(f"{directory}: checkpoint {step} does not match --config.retrieval "
+                       f"({str(e).splitlines()[0][:200]})") from None
+  manager.close()
+  model = nnx.merge(graphdef, restored["model"])
+  if tokenizer is None:
+    tokenizer = TextTokenizer.load(artifacts(config).text_tokenizer)
+  return Embedder(model, tokenizer, mesh=mesh, batch_size=batch_size)
+
+
+def recall_at_1(embedder: Embedder, images, texts) -> float:
+  """Text-to-image recall@1 among the given pairs (pair i is the right answer for text i)."""
+  t = embedder.embed_texts(texts)
+  i = embedder.embed_images(images)
+  return float(np.mean(np.argmax(t @ i.T, axis=1) == np.arange(len(t))))
+
+
+# --- CLI ------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--steps", type=int, default=None, help="default: --config.retrieval.steps")
+  p.add_argument("--eval-pairs", type=int, default=1000,
+                 help="held-out pairs for the text-to-image recall@1 printed at the end")
+
+
+def run(args, config) -> int:
+  from cm3leon_jax.retrieval import pairs
+  from cm3leon_jax.tokenizers.text import TextTokenizer
+
+  tokenizer = TextTokenizer.load(artifacts(config).text_tokenizer)
+  source = pairs.open_pairs(config, "train")
+  last = train(config, source, tokenizer, steps=args.steps, progress=sys.stderr.isatty())
+  print(f"train-retriever: step {last.get('step')} loss {last.get('loss', float('nan')):.4f} "
+        f"in-batch accuracy {last.get('accuracy', float('nan')):.3f} -> "
+        f"{artifacts(config).retriever}")
+  if args.eval_pairs > 0:
+    eval_source = pairs.open_pairs(config, "eval")
+    n = min(args.eval_pairs, len(eval_source))
+    images, texts = pairs.take(eval_source, n)
+    r1 = recall_at_1(load_embedder(config, tokenizer=tokenizer), images, texts)
+    print(f"held-out text-to-image recall@1 over {n} pairs: {r1:.3f} (chance {1 / n:.4f})")
+  return 0
