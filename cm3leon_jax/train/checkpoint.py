@@ -1,0 +1,182 @@
+"""Checkpoints: one Orbax CheckpointManager per run holding the train state, the Grain
+iterator's state and the config, saved asynchronously, keeping the last N.
+
+    ckpt = Checkpointer(artifacts(config).decoder + "/checkpoints", config)
+    ckpt.save(step, ts.state, data_iter)                 # async; returns at once
+    state = ckpt.restore(abstract_train_state(config, mesh), data_iter)   # latest step
+
+Restoring reads each array straight into the target's sharding, so a run can resume on a
+different mesh (or a different number of devices). The saved config is compared with the
+current one first: a checkpoint written for another model shape is a clear InputError
+naming the fields, not an Orbax shape error deep in a restore.
+
+Preemption: on TPU pods `jax.distributed` runs a preemption service that turns the
+scheduler's SIGTERM into a sync point every host reaches at the same step
+(`CheckpointManager.reached_preemption`); on a single process we catch SIGTERM ourselves.
+The trainer saves and exits cleanly at that step either way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from cm3leon_jax.errors import InputError
+from cm3leon_jax.tokenizers.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+# Fields that decide the shapes and dtypes of the train state: they must match to restore.
+STATE_FIELDS = ("model.num_layers", "model.d_model", "model.num_heads", "model.head_dim",
+                "model.d_ff", "model.seq_len", "model.activation", "model.tie_embeddings",
+                "model.param_dtype", "vocab_size")
+
+
+def state_signature(config) -> dict:
+  """The values of STATE_FIELDS for `config` (vocab_size from the shared Vocab)."""
+  out = {}
+  for field in STATE_FIELDS:
+    if field == "vocab_size":
+      out[field] = Vocab.from_config(config).size
+    else:
+      section, name = field.split(".")
+      out[field] = config[section][name]
+  return out
+
+
+def _to_pure(state) -> dict:
+  return nnx.to_pure_dict(state)
+
+
+class Checkpointer:
+  """An Orbax CheckpointManager with items 'state', 'data' (Grain) and 'config' (JSON)."""
+
+  def __init__(self, directory: str, config, *, max_to_keep: int | None = None,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.config = config
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep or int(config.train.keep_checkpoints),
+        enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "data", "config"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+    if jax.process_count() == 1:  # multi-host: the jax.distributed preemption service
+      _install_sigterm_handler()
+
+  # --- preemption ------------------------------------------------------------------------
+  def reached_preemption(self, step: int) -> bool:
+    """True when this step must be saved because the job is being preempted."""
+    return SIGTERM_RECEIVED.is_set() or self.manager.reached_preemption(step)
+
+  # --- save / restore ----------------------------------------------------------------------
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
+    """Start an async save of (state, iterator state, config) at `step`."""
+    saved_config = json.loads(self.config.to_json_best_effort())
+    saved_config["vocab_size"] = Vocab.from_config(self.config).size
+    items = dict(state=ocp.args.StandardSave(_to_pure(state)),
+                 config=ocp.args.JsonSave(saved_config))
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def check_compatible(self, step: int) -> None:
+    """InputError naming every state-shaping field that differs from the checkpoint's."""
+    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    saved_config = saved["config"]
+    current = state_signature(self.config)
+    diffs = []
+    for field, value in current.items():
+      old = _lookup(saved_config, field)
+      if old is not None and old != value and not (isinstance(value, tuple) and list(value) == old):
+        diffs.append(f"{field}: checkpoint {old!r}, config {value!r}")
+    if diffs:
+      raise InputError(f"{self.directory}/{step}: checkpoint is incompatible with this config ("
+                       + "; ".join(diffs) + "); use a new workdir or matching --config fields")
+
+  def restore(self, abstract_ts, data_iter=None, step: int | None = None):
+    """The train state of `step` (default: latest) laid out like `abstract_ts.state`.
+
+    `abstract_ts` comes from `abstract_train_state(config, mesh)` for the mesh to restore
+    onto; `data_iter` (if given) is moved to the saved position in place.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise InputError(f"{self.directory}: no checkpoint to restore")
+    self.check_compatible(step)
+    target = _to_pure(abstract_ts.state)
+    items = dict(state=ocp.args.StandardRestore(target))
+    if data_iter is not None and self._has_item(step, "data"):
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError) as e:
+      raise InputError(f"{self.directory}/{step}: cannot restore the train state into this "
+                       f"config's layout ({e})") from None
+    state = jax.tree.map(lambda x: x, abstract_ts.state)  # a fresh State tree to fill
+    nnx.replace_by_pure_dict(state, restored["state"])
+    return state
+
+  def _has_item(self, step: int, name: str) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), name))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+SIGTERM_RECEIVED = threading.Event()
+_HANDLER_INSTALLED = [False]
+
+
+def _install_sigterm_handler() -> None:
+  """Once per process: SIGTERM sets SIGTERM_RECEIVED (then runs any earlier Python handler);
+  a second SIGTERM terminates as usual."""
+  if _HANDLER_INSTALLED[0]:
+    return
+  try:
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+      if SIGTERM_RECEIVED.is_set():  # a second SIGTERM: stop now, the default way
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      SIGTERM_RECEIVED.set()
+      log.warning("SIGTERM: saving a checkpoint at the next step, then stopping")
+      if callable(previous):
+        previous(signum, frame)
+    signal.signal(signal.SIGTERM, handler)
+    _HANDLER_INSTALLED[0] = True
+  except ValueError:  # not the main thread (e.g. a notebook worker): rely on Orbax's check
+    pass
+
+
+def _lookup(saved: dict, field: str) -> Any:
+  node = saved
+  for key in field.split("."):
+    if not isinstance(node, dict) or key not in node:
+      return None
+    node = node[key]
+  return node
+
