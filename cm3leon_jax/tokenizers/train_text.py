@@ -14,8 +14,13 @@ from cm3leon_jax.tokenizers.text import TextTokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                 help="text files (one document per line) or .jsonl files with a 'text' field")
+  source = p.add_mutually_exclusive_group()
+  source.add_argument("--input", nargs="+", metavar="FILE",
+                      help="text files (one document per line) or .jsonl files with a 'text' "
+                           "field")
+  source.add_argument("--split", default="train",
+                      help="without --input: the captions of this split of the built dataset "
+                           "(config.data.dataset; default train)")
   p.add_argument("--output", default=None,
                  help="tokenizer JSON path (default: <workdir>/text_tokenizer.json)")
 
@@ -44,10 +49,19 @@ def iter_texts(paths: Sequence[str]) -> Iterator[str]:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def dataset_texts(config, split: str) -> Iterator[str]:
+  """The captions of a built dataset split (what `cm3leon data build` wrote)."""
+  from cm3leon_jax.data.sources import image_text_source
+  source = image_text_source(config, split)
+  for i in range(len(source)):
+    yield source[i]["text"]
+
+
 def run(args, config) -> int:
   output = args.output or artifacts(config).text_tokenizer
+  texts = iter_texts(args.input) if args.input else dataset_texts(config, args.split)
   tokenizer = TextTokenizer.train(
-      iter_texts(args.input), vocab_size=config.vocab.text_size,
+      texts, vocab_size=config.vocab.text_size,
       normalization=config.text_tokenizer.normalization,
       min_frequency=config.text_tokenizer.min_frequency, show_progress=sys.stderr.isatty())
   tokenizer.save(output)
