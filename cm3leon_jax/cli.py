@@ -40,7 +40,8 @@ COMMANDS = {
     "generate": ("sample text and images (CFG, CD-K, retrieval, re-ranking)", "issue 8"),
     "eval": ("run an evaluation suite on a checkpoint", "issue 9"),
     "export": ("export an inference bundle", "the export issue (not filed)"),
-    "quickstart": ("the whole recipe end to end on Shapes (the main job)", "issue 9"),
+    "quickstart": ("the whole recipe end to end on Shapes (the main job)",
+                   "cm3leon_jax.quickstart"),
 }
 
 
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"cm3leon {args.command}: not built yet ({where}); `issues show` tells its status.",
             file=sys.stderr)
       return EXIT_NOT_BUILT
+    args.overrides = overrides  # for commands that run other commands (quickstart)
     return int(importlib.import_module(where).run(args, config) or 0)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
