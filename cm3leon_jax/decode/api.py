@@ -1,0 +1,230 @@
+"""The decoding Python API: text-to-image, captioning, infilling, with retrieval and re-ranking.
+
+    gen = Generator.load(config)                       # decoder, tokenizers, retriever
+    result = gen.text_to_image(["a red circle at the top left"], num_candidates=8)
+    result.images_BHWC                                 # the best candidate per prompt
+    gen.caption(images_BHWC)                           # -> list of str
+    gen.infill_image(images_BHWC, captions, region_mask_N)
+
+Candidate pools (REFERENCE.md section 5): n samples per prompt, drawn with CFG + top-p
+("top_p"), CD-K ("cdk"), or half of each ("mixed"), the best picked by the dual encoder's
+image-text score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from cm3leon_jax.configs.base import tokens_per_image
+from cm3leon_jax.data import records
+from cm3leon_jax.decode import constraints as C
+from cm3leon_jax.decode import prompts as P
+from cm3leon_jax.decode.sampler import SamplerSpec, generate, make_knobs
+from cm3leon_jax.errors import InputError
+from cm3leon_jax.tokenizers.vocab import Document, Vocab
+
+POOLS = ("top_p", "cdk", "mixed")
+
+
+@dataclasses.dataclass
+class TextToImageResult:
+  images_BHWC: np.ndarray        # uint8: the best candidate of each prompt
+  candidates_BNHWC: np.ndarray   # uint8: every candidate, prompt-major
+  scores_BN: np.ndarray | None   # dual-encoder scores of the candidates (None: no re-ranking)
+  codes_BNT: np.ndarray          # image codes of every candidate
+  retrieved: list                # retrieved document ids per prompt
+
+
+class MemoryBank:
+  """Random access to the training token documents (the retrieval memory bank)."""
+
+  def __init__(self, directory: str, vocab: Vocab):
+    import grain
+    self.directory = directory
+    self.vocab = vocab
+    self._source = grain.sources.ArrayRecordDataSource(records.shard_paths(directory))
+
+  def __len__(self):
+    return len(self._source)
+
+  def document(self, doc_id: int) -> Document:
+    if not 0 <= doc_id < len(self._source):
+      raise InputError(f"{self.directory}: document id {doc_id} outside [0, {len(self._source)})")
+    _, ids = records.decode_tokens(self._source[int(doc_id)])
+    # Stored documents end with <eos>; parse as one serialised sequence.
+    docs = self.vocab.ids_to_documents(np.concatenate([[self.vocab.eos_id], ids]))
+    return docs[0] if docs else []
+
+
+def restore_model(config, step: int | None = None, directory: str | None = None):
+  """The decoder of a `cm3leon train` checkpoint (default: the latest), on the config's mesh."""
+  from flax import nnx
+
+  from cm3leon_jax.paths import artifacts
+  from cm3leon_jax.train.checkpoint import Checkpointer
+  from cm3leon_jax.train.mesh import make_mesh
+  from cm3leon_jax.train.state import abstract_train_state
+  directory = directory or os.path.join(artifacts(config).decoder, "checkpoints")
+  if not os.path.isdir(directory):
+    raise InputError(f"{directory}: no decoder checkpoints; run `cm3leon train` first")
+  mesh = make_mesh(config.mesh)
+  abstract = abstract_train_state(config, mesh)
+  checkpointer = Checkpointer(directory, config, async_save=False)
+  try:
+    state = checkpointer.restore(abstract, step=step)
+  finally:
+    checkpointer.close()
+  model, _ = nnx.merge(abstract.graphdef, state)
+  return model
+
+
+class Generator:
+
+  def __init__(self, config, model, text_tokenizer, image_tokenizer, retriever=None,
+               memory: MemoryBank | None = None):
+    self.config = config
+    self.model = model
+    self.vocab = Vocab.from_config(config)
+    self.text_tokenizer = text_tokenizer
+    self.image_tokenizer = image_tokenizer
+    self.retriever = retriever
+    self.memory = memory
+    self.n_image = tokens_per_image(config)
+
+  @classmethod
+  def load(cls, config, step: int | None = None, retrieval: bool | None = None) -> "Generator":
+    """Everything from `config.workdir`: decoder checkpoint, tokenizers, retriever + bank."""
+    from cm3leon_jax.paths import artifacts
+    from cm3leon_jax.tokenizers.text import TextTokenizer
+    from cm3leon_jax.tokenizers.vq import ImageTokenizer
+    paths = artifacts(config)
+    model = restore_model(config, step=step)
+    retriever = memory = None
+    if config.retrieval.enabled if retrieval is None else retrieval:
+      from cm3leon_jax.retrieval.strategy import Retriever
+      retriever = Retriever.load(config)
+      memory = MemoryBank(paths.tokens, Vocab.from_config(config))
+    return cls(config, model, TextTokenizer.load(paths.text_tokenizer),
+               ImageTokenizer.load(config), retriever, memory)
+
+  # --- retrieval ---------------------------------------------------------------------------
+  def retrieve(self, text: str | None, image=None, k: int = 0) -> tuple[list[Document], list[int]]:
+    if k <= 0:
+      return [], []
+    if self.retriever is None or self.memory is None:
+      raise InputError("retrieval at inference needs a retriever and a memory bank "
+                       "(train-retriever, index, encode); pass num_retrieved=0 to skip")
+    ids = [int(i) for i in self.retriever.retrieve_for_prompt(text, image, k)]
+    return [self.memory.document(i) for i in ids], ids
+
+  # --- tasks -------------------------------------------------------------------------------
+  def text_to_image(self, captions: Sequence[str], *, num_candidates: int | None = None,
+                    pool: str | None = None, cfg_weight: float | None = None,
+                    temperature: float | None = None, top_p: float | None = None,
+                    num_retrieved: int | None = None, rerank: bool = True,
+                    seed: int | None = None) -> TextToImageResult:
+    d = self.config.decoding
+    n = d.num_candidates if num_candidates is None else num_candidates
+    pool = d.pool if pool is None else pool
+    k = d.num_retrieved if num_retrieved is None else num_retrieved
+    if n < 1:
+      raise InputError(f"num_candidates={n}: must be >= 1")
+    if pool not in POOLS:
+      raise InputError(f"decoding.pool={pool!r}: expected one of {POOLS}")
+    if not captions:
+      raise InputError("text_to_image: no captions")
+    cond, uncond, retrieved = [], [], []
+    for caption in captions:
+      if not caption.strip():
+        raise InputError("text_to_image: an empty caption")
+      docs, ids = self.retrieve(caption, None, k)
+      prompt = P.text_to_image(self.vocab, self.text_tokenizer.encode(caption), docs)
+      cond += [prompt.cond] * n
+      uncond += [prompt.uncond] * n
+      retrieved.append(ids)
+    use_cdk = np.zeros((len(captions), n), bool)
+    if pool == "cdk":
+      use_cdk[:] = True
+    elif pool == "mixed":
+      use_cdk[:, n // 2:] = True  # half top-p, half CD-K (n = 1: top-p)
+    spec = SamplerSpec(num_streams=2, max_new_tokens=self.n_image + 1,
+                       tokens_per_image=self.n_image, top_k=d.top_k, cdk_k=d.cdk_k,
+                       stop_after_image=True)
+    knobs = make_knobs(len(cond), temperature=d.temperature if temperature is None else temperature,
+                       top_p=d.top_p if top_p is None else top_p, use_cdk=use_cdk.reshape(-1),
+                       cfg_weight=d.cfg_weight if cfg_weight is None else cfg_weight,
+                       cdk_alpha=d.cdk_alpha)
+    rng = jax.random.key(d.seed if seed is None else seed)
+    tokens, _ = generate(self.model, self.vocab, [cond, uncond], spec, knobs, rng)
+    codes = self.vocab.ids_to_image(tokens[:, :self.n_image])
+    images = self.image_tokenizer.decode(codes)
+    size = images.shape[1]
+    candidates = images.reshape(len(captions), n, size, size, 3)
+    scores = None
+    best = np.zeros(len(captions), int)
+    if rerank and n > 1 and self.retriever is not None:
+      texts = [c for c in captions for _ in range(n)]
+      scores = np.asarray(self.retriever.embedder.score(images, texts)).reshape(len(captions), n)
+      best = scores.argmax(1)
+    return TextToImageResult(candidates[np.arange(len(captions)), best], candidates, scores,
+                             codes.reshape(len(captions), n, -1), retrieved)
+
+  def _decode_text(self, prompts_: list[np.ndarray], temperature: float, seed: int,
+                   state: C.ModalityState | None = None) -> list[str]:
+    d = self.config.decoding
+    spec = SamplerSpec(max_new_tokens=d.max_text_tokens, tokens_per_image=self.n_image,
+                       top_k=d.top_k, allow_images=False)
+    tokens, _ = generate(self.model, self.vocab, [prompts_], spec,
+                         make_knobs(len(prompts_), temperature=temperature, top_p=d.top_p),
+                         jax.random.key(seed), state=state)
+    texts = []
+    for row in tokens:
+      end = np.flatnonzero(row == self.vocab.eos_id)
+      row = row[:end[0]] if end.size else row
+      texts.append(self.text_tokenizer.decode(self.vocab.ids_to_text(row[self.vocab.is_text(row)])))
+    return texts
+
+  def caption(self, images_BHWC, *, infill: bool = False, temperature: float = 0.0,
+              num_retrieved: int = 0, seed: int = 0) -> list[str]:
+    """Image-to-text with the causal prompt or CM3's infilling prompt (greedy by default)."""
+    codes = self.image_tokenizer.encode(images_BHWC)
+    prompts_ = []
+    for image, c in zip(np.asarray(images_BHWC), codes):
+      docs, _ = self.retrieve(None, image, num_retrieved)
+      prompts_.append(P.image_to_text(self.vocab, c, self.n_image, infill=infill, retrieved=docs).cond)
+    return self._decode_text(prompts_, temperature, seed)
+
+  def infill_image(self, images_BHWC, captions: Sequence[str] | None, region_mask_N, *,
+                   temperature: float | None = None, seed: int = 0) -> np.ndarray:
+    """Regenerate the codes under `region_mask_N` (one contiguous raster run) of each image."""
+    codes = self.image_tokenizer.encode(images_BHWC)
+    region = np.asarray(region_mask_N, bool).reshape(-1)
+    prompts_ = []
+    for b, c in enumerate(codes):
+      caption = captions[b] if captions else None
+      tokens = self.text_tokenizer.encode(caption) if caption else None
+      prompts_.append(P.image_infill(self.vocab, tokens, c, region, self.n_image))
+    span = prompts_[0].image_span
+    state = C.initial_state(self.vocab, np.zeros((len(prompts_), 1), np.int32),
+                            np.ones(len(prompts_), np.int32), self.n_image,
+                            span_lens_B=np.full(len(prompts_), span), span_close=self.vocab.eos_id)
+    d = self.config.decoding
+    spec = SamplerSpec(max_new_tokens=span + 1, tokens_per_image=self.n_image, top_k=d.top_k)
+    tokens, _ = generate(self.model, self.vocab, [[p.cond for p in prompts_]], spec,
+                         make_knobs(len(prompts_), temperature=d.temperature if temperature is None
+                                    else temperature, top_p=d.top_p),
+                         jax.random.key(seed), state=state)
+    out = codes.copy()
+    out[:, region] = self.vocab.ids_to_image(tokens[:, :span])
+    return self.image_tokenizer.decode(out)
+
+  def infill_text(self, befores: Sequence[str], afters: Sequence[str], *, temperature: float = 0.0,
+                  seed: int = 0) -> list[str]:
+    prompts_ = [P.text_infill(self.vocab, self.text_tokenizer.encode(b),
+                              self.text_tokenizer.encode(a)).cond for b, a in zip(befores, afters)]
+    return self._decode_text(prompts_, temperature, seed)
