@@ -1,0 +1,72 @@
+"""`cm3leon train`: pretrain the decoder on retrieval-augmented CM3 batches.
+
+    cm3leon train --config quickstart                         # the project's data (workdir)
+    cm3leon train --config tiny --synthetic --config.train.steps=20
+    # several processes (one per host, or several on one machine with CPU devices):
+    cm3leon train --config ... --num-processes 2 --process-id 0 --coordinator localhost:1234
+
+Data: the token documents (`<workdir>/tokens`) and, with retrieval on, their static
+neighbours (`<workdir>/neighbours`), read by the Grain pipeline of cm3leon_jax/data/pipeline.py;
+`--synthetic` uses random packed batches instead. Resumes from the latest checkpoint in
+`<workdir>/decoder/checkpoints` unless `--no-resume`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cm3leon_jax.errors import InputError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--synthetic", action="store_true",
+                 help="train on random packed batches (no data needed; for smoke tests)")
+  p.add_argument("--max-steps", type=int, default=None,
+                 help="stop after this many steps in this run (the schedule still spans "
+                      "train.steps); resume later")
+  p.add_argument("--no-resume", action="store_true",
+                 help="start from scratch even if checkpoints exist")
+  p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="jax.distributed coordinator (with --num-processes/--process-id)")
+  p.add_argument("--num-processes", type=int, default=None)
+  p.add_argument("--process-id", type=int, default=None)
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def data_iterator(config, synthetic: bool):
+  """This process's batches: the Grain pipeline, or synthetic batches of the same contract."""
+  import jax
+  batch = config.train.batch_size // jax.process_count()
+  if synthetic:
+    from cm3leon_jax.train.synthetic import synthetic_dataset
+    return iter(synthetic_dataset(config, batch, seed=config.train.seed * 1009
+                                  + jax.process_index()))
+  from cm3leon_jax.data import pipeline
+  return pipeline.make_iterator(config, batch_size=batch)
+
+
+def run(args, config) -> int:
+  if args.num_processes is not None and args.num_processes > 1:
+    if args.process_id is None or args.coordinator is None:
+      raise InputError("--num-processes > 1 needs --process-id and --coordinator")
+  if args.max_steps is not None and args.max_steps < 1:
+    raise InputError(f"--max-steps={args.max_steps}: must be >= 1")
+  from cm3leon_jax.train import trainer
+  trainer.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  import jax
+  if config.train.batch_size % jax.process_count():
+    raise InputError(f"--config.train.batch_size={config.train.batch_size} is not divisible by "
+                     f"{jax.process_count()} processes")
+  result = trainer.train(config, data_iterator(config, args.synthetic), max_steps=args.max_steps,
+                         resume=not args.no_resume,
+                         progress=not args.no_progress and sys.stderr.isatty())
+  if jax.process_index() == 0:
+    last = result.history[-1] if result.history else {}
+    summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()}
+    paths = trainer.run_paths(config)
+    print(f"train: step {result.step}/{config.train.steps}"
+          + (" (preempted)" if result.preempted else "") + f" {json.dumps(summary)}")
+    print(f"checkpoints: {paths['checkpoints']}  metrics: {paths['metrics']}")
+  return 0

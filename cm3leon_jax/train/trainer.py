@@ -1,0 +1,188 @@
+"""The training loop: mesh, sharded state (fresh or restored), batches, the jitted step,
+metrics, checkpoints. Reads top to bottom; `train()` is importable (notebooks, tests).
+
+    result = train(config, data_iter)      # data_iter: local numpy batches (batch contract)
+
+Per log interval it records loss (all / text / image), z-loss, grad norm, learning rate,
+step time, tokens/s, analytic model FLOPs and MFU, to `<workdir>/decoder/metrics.jsonl`
+and TensorBoard (`<workdir>/decoder/tensorboard`), with a tqdm bar on process 0.
+Checkpoints (train state + the data iterator's position) go to
+`<workdir>/decoder/checkpoints` every `train.checkpoint_every` steps, at the end, and at the
+step where a preemption is noticed; a rerun resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Iterator
+
+import jax
+import numpy as np
+import tqdm
+
+from cm3leon_jax.model.decoder import DecoderConfig
+from cm3leon_jax.paths import artifacts
+from cm3leon_jax.train import flops
+from cm3leon_jax.train.checkpoint import Checkpointer
+from cm3leon_jax.train.mesh import global_batch, make_mesh
+from cm3leon_jax.train.state import TrainState, abstract_train_state, init_train_state
+from cm3leon_jax.train.step import check_accumulation, check_batch_arrays, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  step: int                   # optimizer steps done
+  history: list[dict]         # the logged metric records
+  preempted: bool = False
+
+
+def run_paths(config) -> dict:
+  root = artifacts(config).decoder
+  return dict(root=root, checkpoints=os.path.join(root, "checkpoints"),
+              metrics=os.path.join(root, "metrics.jsonl"),
+              tensorboard=os.path.join(root, "tensorboard"))
+
+
+class MetricsWriter:
+  """JSONL + TensorBoard, written by process 0 only."""
+
+  def __init__(self, jsonl_path: str, tensorboard_dir: str):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    os.makedirs(os.path.dirname(jsonl_path), exist_ok=True)
+    self.jsonl = open(jsonl_path, "a", encoding="utf-8")
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(tensorboard_dir)
+
+  def write(self, step: int, record: dict) -> None:
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+    self.jsonl.flush()
+    for key, value in record.items():
+      if isinstance(value, (int, float)) and value is not None:
+        self.tb.add_scalar(f"train/{key}", value, step)
+    self.tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` when the job spans more than one process.
+
+  Explicit arguments (e.g. several processes on one machine) or, with none given, the
+  environment a TPU pod / SLURM / JAX_COORDINATOR_ADDRESS provides. Call before anything
+  touches a JAX device.
+  """
+  explicit = num_processes is not None and num_processes > 1
+  env_multi = ("JAX_COORDINATOR_ADDRESS" in os.environ
+               or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+               or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+  if not (explicit or env_multi):
+    return
+  # CPU hosts need a collectives implementation for cross-process all-reduces (harmless on
+  # TPU/GPU, where the accelerator's own collectives are used).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  else:
+    jax.distributed.initialize()
+
+
+def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
+          resume: bool = True, progress: bool = True) -> TrainResult:
+  """Train `config` on `data_iter` (this process's local batches) until `train.steps`.
+
+  `max_steps` stops earlier (this call only; the schedule still spans train.steps).
+  """
+  # --- Set up mesh -------------------------------------------------------------------------
+  mesh = make_mesh(config.mesh)
+  check_accumulation(config, mesh)
+  cfg = DecoderConfig.from_config(config)
+  local_batch = config.train.batch_size // jax.process_count()
+  paths = run_paths(config)
+  total_steps = int(config.train.steps)
+
+  # --- Load checkpoint or initialise -----------------------------------------------------
+  ckpt = Checkpointer(paths["checkpoints"], config)
+  start = ckpt.latest_step() if resume else None
+  if start is not None:
+    abstract = abstract_train_state(config, mesh)
+    restorable = data_iter if hasattr(data_iter, "get_state") else None
+    state = ckpt.restore(abstract, restorable, step=start)
+    ts = TrainState(abstract.graphdef, state, abstract.shardings)
+    log.info("resumed from %s/%d", paths["checkpoints"], start)
+  else:
+    ts = init_train_state(config, mesh)
+    start = 0
+  end = total_steps if max_steps is None else min(total_steps, start + int(max_steps))
+
+  # --- Update step -------------------------------------------------------------------------
+  step_fn = make_train_step(config, ts, mesh)
+  flops_per_step = flops.train_flops_per_step(cfg, config.train.batch_size)
+  peak, peak_source = flops.peak_flops_per_device()
+  tokens_per_step = config.train.batch_size * config.model.seq_len
+  writer = MetricsWriter(paths["metrics"], paths["tensorboard"])
+  bar = tqdm.tqdm(total=end, initial=start, desc=f"train {config.name}", unit="step",
+                  disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+  log_every, ckpt_every = max(int(config.train.log_every), 1), int(config.train.checkpoint_every)
+
+  # --- Train loop --------------------------------------------------------------------------
+  history, state, step, preempted = [], ts.state, start, False
+  last_time, last_step, compile_s = time.perf_counter(), start, None
+  # Only Grain iterators can be checkpointed; others (plain generators) restart on resume.
+  saved_iter = data_iter if hasattr(data_iter, "get_state") else None
+  with jax.set_mesh(mesh):
+    while step < end:
+      batch = next(data_iter)
+      if step == start:
+        check_batch_arrays(batch, config, local_batch)
+      state, metrics = step_fn(state, global_batch(batch, mesh))
+      step += 1
+      if compile_s is None:  # the first step includes compilation: keep it out of timings
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - last_time
+        last_time, last_step = time.perf_counter(), step
+      if step % log_every == 0 or step == end:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        if step > last_step:
+          step_s = (now - last_time) / (step - last_step)
+          values.update(step_time_s=step_s, tokens_per_s=tokens_per_step / step_s,
+                        tflops_per_device=flops_per_step / step_s / jax.device_count() / 1e12)
+          util = flops.mfu(flops_per_step, step_s, jax.device_count(), peak)
+          if util is not None:
+            values["mfu"] = util
+        values["first_step_s"] = compile_s
+        last_time, last_step = now, step
+        writer.write(step, values)
+        history.append({"step": step, **values})
+        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
+                        tok_s=f"{values.get('tokens_per_s', 0):.0f}")
+      bar.update(1)
+      preempted = ckpt.reached_preemption(step)
+      if preempted or step == end or (ckpt_every and step % ckpt_every == 0):
+        ckpt.save(step, state, saved_iter, force=True)
+      if preempted:
+        log.warning("preempted at step %d: checkpoint saved, stopping", step)
+        break
+  bar.close()
+  ckpt.close()
+  writer.close()
+  if history:
+    log.info("peak FLOP/s per device: %s (%s)", peak, peak_source)
+  return TrainResult(TrainState(ts.graphdef, state, ts.shardings), step, history, preempted)
