@@ -1,5 +1,6 @@
 """`cm3leon train-retriever`, `index`, `retrieve` end to end on a tiny Shapes dataset, plus
-inference-time retrieval and the jobs' bad-input handling."""
+inference-time retrieval and the jobs' bad-input handling. The end-to-end tests share one
+module fixture (build data, train 4 steps, index, retrieve) and are marked slow."""
 
 import os
 
@@ -46,6 +47,7 @@ def pipeline_done(workdir):
   return configs.load("tiny", [f"workdir={workdir}"] + OVERRIDES)
 
 
+@pytest.mark.slow
 def test_retrieve_writes_neighbours_for_every_train_document(pipeline_done):
   paths = artifacts(pipeline_done)
   meta = records.read_meta(paths.neighbours)
@@ -68,11 +70,13 @@ def test_retrieve_writes_neighbours_for_every_train_document(pipeline_done):
   assert not os.path.exists(f"{paths.index}.partial")
 
 
+@pytest.mark.slow
 def test_index_holds_the_train_split_with_brute_force_settings(pipeline_done):
   index = Index.load(artifacts(pipeline_done).index)
   assert index.num_vectors == 96 and index.dim == 32 and index.settings[0].brute_force
 
 
+@pytest.mark.slow
 def test_retrieve_resumes_from_finished_chunks_with_identical_results(pipeline_done, tmp_path):
   config = pipeline_done
   paths = artifacts(config)
@@ -94,6 +98,7 @@ def test_retrieve_resumes_from_finished_chunks_with_identical_results(pipeline_d
   assert not work.exists()
 
 
+@pytest.mark.slow
 def test_retrieve_for_prompt_returns_k_distinct_bank_documents(pipeline_done):
   retriever = Retriever.load(pipeline_done)
   source = image_text_source(pipeline_done, "eval")
@@ -103,6 +108,7 @@ def test_retrieve_for_prompt_returns_k_distinct_bank_documents(pipeline_done):
   assert len(both) == 3 and len(set(both.tolist())) == 3
 
 
+@pytest.mark.slow
 def test_retrieve_for_prompt_bad_input(pipeline_done):
   from cm3leon_jax.errors import InputError
 
@@ -113,8 +119,8 @@ def test_retrieve_for_prompt_bad_input(pipeline_done):
     retriever.retrieve_for_prompt("", k=1)
 
 
-def test_retrieve_without_an_index_is_one_error_line(workdir, tmp_path, capsys):
-  code = cli.main(["retrieve", *args(workdir, "--index", str(tmp_path / "missing"))])
+def test_retrieve_without_an_index_is_one_error_line(tmp_path, capsys):
+  code = cli.main(["retrieve", "--config", "tiny", f"--config.workdir={tmp_path}"])
   err = capsys.readouterr().err
   assert code == 2 and err.startswith("error: ") and "not an index directory" in err
 

@@ -1,0 +1,188 @@
+"""Memory-bank search benchmark: exact (numpy matmul) vs ScaNN vs FAISS (IVF-PQ, HNSW).
+
+    python experiments/bench/retrieval.py                       # synthetic 100k and 1M x 128
+    python experiments/bench/retrieval.py --embeddings outputs/quickstart/index/embeddings.npy
+
+One run, same data for every method: build time, queries/s and recall@10 against exact
+search. Queries are held out from the bank (same distribution). Recall counts a returned id as
+correct if its exact score reaches the exact 10th score (ties between duplicates count as
+hits). ScaNN and FAISS each get a small sweep of their search-time knob; the table shows
+every point, and the summary picks, per method, the fastest point with recall@10 >= 0.95.
+FAISS (faiss-cpu) is a benchmark-only dependency. Thread counts are equal (all cores).
+Target (issue 5): ScaNN recall@10 >= 0.95 at >= 10x exact QPS, and at least FAISS's best QPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from cm3leon_jax.retrieval.index import Settings, _build_searcher  # noqa: E402
+
+K = 10
+
+
+def clustered(n, d, clusters, seed):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(clusters, d)).astype(np.float32)
+  out = np.empty((n, d), np.float32)
+  for start in range(0, n, 100_000):  # chunks: bounded temporaries at 1M
+    m = min(100_000, n - start)
+    # Noise as large as the centres: neighbours are clustered but not trivially separable
+    # (ScaNN needs ~5% of its leaves for recall@10 0.95 here).
+    x = centres[rng.integers(0, clusters, m)] + rng.normal(size=(m, d)).astype(np.float32)
+    out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+  return out
+
+
+def recall_at_k(ids, exact_scores, bank, queries):
+  """Tie-aware recall: a hit is a returned id whose true score >= the exact k-th score."""
+  hits = 0
+  for q, row, kth in zip(queries, ids, exact_scores[:, K - 1]):
+    row = row[row >= 0]
+    hits += int(np.sum(bank[row] @ q >= kth - 1e-5))
+  return hits / (len(queries) * K)
+
+
+def exact_jax(bank):
+  """Exact top-k scores: a jitted float32 matmul + lax.top_k per block of 250 queries."""
+  import jax
+  import jax.numpy as jnp
+
+  bank_j = jnp.asarray(bank)
+  fn = jax.jit(lambda q: jax.lax.top_k(q @ bank_j.T, K)[0])
+  return lambda queries: np.concatenate([np.asarray(fn(jnp.asarray(queries[s:s + 250])))
+                                         for s in range(0, len(queries), 250)])
+
+
+def timed(fn, repeats=1):
+  best = math.inf
+  out = None
+  for _ in range(repeats):
+    t = time.perf_counter()
+    out = fn()
+    best = min(best, time.perf_counter() - t)
+  return out, best
+
+
+def bench_one(name, bank, queries, hnsw: bool, rows):
+  n, d = bank.shape
+  nq = len(queries)
+  exact = exact_jax(bank)
+  exact_scores, t = timed(lambda: exact(queries), repeats=2)  # best of 2: without compiling
+  del exact
+  exact_qps = nq / t
+  rows.append((name, "exact (JAX f32 matmul + top_k)", "-", 0.0, exact_qps, 1.0))
+
+  # ScaNN: tree (sqrt N leaves) + anisotropic hashing + exact reorder (index.py's builder).
+  leaves = int(round(math.sqrt(n)))
+  settings = Settings(False, leaves, max(1, leaves // 20), 100, min(n, 250_000))
+  searcher, build = timed(lambda: _build_searcher(bank, settings, K))
+  for frac in (0.02, 0.05, 0.1):
+    for reorder in (100, 200):
+      ls = max(1, int(round(leaves * frac)))
+      (ids, _), t = timed(lambda: searcher.search_batched_parallel(
+          queries, K, leaves_to_search=ls, pre_reorder_num_neighbors=reorder), repeats=2)
+      rows.append((name, "ScaNN tree+AH+reorder", f"leaves {ls}/{leaves} reorder {reorder}",
+                   build, nq / t, recall_at_k(np.asarray(ids, np.int64), exact_scores, bank,
+                                              queries)))
+
+  import faiss
+  faiss.omp_set_num_threads(os.cpu_count())
+  # FAISS IVF-PQ (4-bit-per-dim-pair codes like ScaNN's AH) + exact refine, inner product.
+  nlist = leaves
+  def build_ivfpq():
+    quantizer = faiss.IndexFlatIP(d)
+    ivf = faiss.IndexIVFPQ(quantizer, d, nlist, d // 4, 8, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexRefineFlat(ivf)
+    sample = bank[np.random.default_rng(0).choice(n, min(n, 100_000), replace=False)]
+    index.train(sample)
+    index.add(bank)
+    return index, ivf
+  (index, ivf), build = timed(build_ivfpq)
+  for frac in (0.02, 0.05, 0.1):
+    ivf.nprobe = max(1, int(round(nlist * frac)))
+    for refine in (5, 10):
+      index.k_factor = refine
+      (_, ids), t = timed(lambda: index.search(queries, K), repeats=2)
+      rows.append((name, "FAISS IVF-PQ+refine", f"nprobe {ivf.nprobe}/{nlist} refine x{refine}",
+                   build, nq / t, recall_at_k(ids, exact_scores, bank, queries)))
+  del index, ivf
+
+  if hnsw:
+    def build_hnsw():
+      index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+      index.hnsw.efConstruction = 64
+      index.add(bank)
+      return index
+    index, build = timed(build_hnsw)
+    for ef in (16, 32, 64, 128):
+      index.hnsw.efSearch = ef
+      (_, ids), t = timed(lambda: index.search(queries, K), repeats=2)
+      rows.append((name, "FAISS HNSW (M=32)", f"efSearch {ef}", build, nq / t,
+                   recall_at_k(ids, exact_scores, bank, queries)))
+    del index
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--sizes", default="100000,1000000")
+  p.add_argument("--dim", type=int, default=128)
+  p.add_argument("--queries", type=int, default=1000)
+  p.add_argument("--embeddings", default=None,
+                 help="also benchmark these [N, D] document embeddings (e.g. <index>/embeddings.npy)")
+  p.add_argument("--no-hnsw-above", type=int, default=1_000_000,
+                 help="skip HNSW (slow to build on 2 cores) for banks larger than this")
+  args = p.parse_args(argv)
+  rows = []
+  for n in [int(s) for s in args.sizes.split(",") if s]:
+    data = clustered(n + args.queries, args.dim, clusters=max(16, n // 100), seed=n)
+    bank, queries = data[:n], data[n:]
+    bench_one(f"synthetic {n // 1000}k x {args.dim}", bank, queries,
+              n <= args.no_hnsw_above, rows)
+    print_rows(rows[-1:], header=False, flush=True)
+  if args.embeddings:
+    x = np.load(args.embeddings).astype(np.float32)
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(x))
+    queries, bank = x[perm[:args.queries]], x[perm[args.queries:]]
+    bench_one(f"encoder {len(bank) // 1000}k x {x.shape[1]}", bank, queries, True, rows)
+  print()
+  print_rows(rows)
+  summary(rows)
+
+
+def print_rows(rows, header=True, flush=False):
+  if header:
+    print(f"| data | method | setting | build s | QPS | recall@10 |")
+    print("|---|---|---|---:|---:|---:|")
+  for data, method, setting, build, qps, recall in rows:
+    print(f"| {data} | {method} | {setting} | {build:.1f} | {qps:,.0f} | {recall:.3f} |",
+          flush=flush)
+
+
+def summary(rows, target=0.95):
+  print(f"\nFastest setting with recall@10 >= {target}, per data set and method:")
+  print("| data | method | setting | QPS | x exact | recall@10 |")
+  print("|---|---|---|---:|---:|---:|")
+  for data in dict.fromkeys(r[0] for r in rows):
+    exact_qps = next(r[4] for r in rows if r[0] == data and r[1].startswith("exact"))
+    for method in dict.fromkeys(r[1] for r in rows if r[0] == data):
+      ok = [r for r in rows if r[0] == data and r[1] == method and r[5] >= target]
+      if not ok:
+        print(f"| {data} | {method} | (none reaches {target}) | - | - | - |")
+        continue
+      best = max(ok, key=lambda r: r[4])
+      print(f"| {data} | {method} | {best[2]} | {best[4]:,.0f} | {best[4] / exact_qps:.1f} | "
+            f"{best[5]:.3f} |")
+
+
+if __name__ == "__main__":
+  main()
