@@ -98,3 +98,40 @@ def write_records(directory: str, records, meta: dict, records_per_shard: int = 
     shutil.rmtree(directory)
   os.replace(tmp, directory)
   return count
+
+
+# --- resumable writing, one shard at a time (`cm3leon encode`) ---------------------------------
+# A job writes shard i as `records-{i:05d}.array_record` inside a work directory, each shard
+# atomically (temp name, then rename), so after a kill every shard present is complete; a rerun
+# skips them. `finish_shards` adds meta.json and renames the work directory into place.
+def shard_name(index: int) -> str:
+  return f"records-{index:05d}.array_record"
+
+
+def write_shard(path: str, records) -> int:
+  """Write one shard of encoded records atomically; returns the number of records."""
+  tmp = f"{path}.tmp-{os.getpid()}"  # not *.array_record, so shard_paths never lists it
+  count = 0
+  try:
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    for record in records:
+      writer.write(record)
+      count += 1
+    writer.close()
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  os.replace(tmp, path)
+  return count
+
+
+def finish_shards(work_dir: str, directory: str, meta: dict, num_records: int) -> None:
+  """Write meta.json into a work directory of complete shards, then move it to `directory`."""
+  tmp = os.path.join(work_dir, META + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({**meta, "num_records": num_records}, f, indent=1)
+  os.replace(tmp, os.path.join(work_dir, META))
+  if os.path.exists(directory):
+    shutil.rmtree(directory)
+  os.replace(work_dir, directory)
