@@ -171,6 +171,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.decoding.num_retrieved = 2
   c.decoding.max_text_tokens = 64
   c.decoding.seed = 0
+
+  # `cm3leon eval` (cm3leon_jax/eval/suite.py): how many examples each stage of a suite uses.
+  # Text-to-image costs num_prompts * num_candidates * 2 (CFG) prefills of the retrieval-
+  # augmented prompt: the dominant cost of the quickstart suite.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_prompts = 32  # held-out single-object prompts (text-to-image)
+  c.eval.num_candidates = 8  # pool per prompt, re-ranked (the paper's 8)
+  c.eval.num_captions = 64  # eval images captioned (caption attribute recall, CIDEr-D)
+  c.eval.num_infill = 32  # eval images infilled
+  c.eval.infill_row = 1  # the 3x3 grid row whose band of code rows is masked (1 = middle)
+  c.eval.num_fid_real = 300  # real held-out single-object images FID compares against
+  c.eval.fid_features = "encoder"  # encoder (dual encoder image tower) | pixels
+  c.eval.seed = 0
   return c
 
 

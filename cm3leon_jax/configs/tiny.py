@@ -58,4 +58,9 @@ def get_config(arg=None):
   c.train.checkpoint_every = 10
   c.decoding.num_candidates = 2
   c.decoding.max_text_tokens = 16
+  c.eval.num_prompts = 4
+  c.eval.num_candidates = 2
+  c.eval.num_captions = 4
+  c.eval.num_infill = 4
+  c.eval.num_fid_real = 16
   return c

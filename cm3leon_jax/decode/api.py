@@ -143,7 +143,13 @@ class Generator:
       if not caption.strip():
         raise InputError("text_to_image: an empty caption")
       docs, ids = self.retrieve(caption, None, k)
-      prompt = P.text_to_image(self.vocab, self.text_tokenizer.encode(caption), docs)
+      tokens = self.text_tokenizer.encode(caption)
+      prompt = P.text_to_image(self.vocab, tokens, docs)
+      # As in training (REFERENCE.md 3), retrieved documents are dropped, never cut, until the
+      # prompt and the image fit the window; the lowest-ranked goes first.
+      while docs and len(prompt.cond) + self.n_image + 1 > self.model.cfg.seq_len:
+        docs, ids = docs[:-1], ids[:-1]
+        prompt = P.text_to_image(self.vocab, tokens, docs)
       cond += [prompt.cond] * n
       uncond += [prompt.uncond] * n
       retrieved.append(ids)

@@ -1,0 +1,188 @@
+"""An evaluation's outputs: metrics.json, report.md (Markdown tables), samples.png, infill.png.
+
+    write(out_dir, metrics, figures, stage_seconds=quickstart_seconds(workdir))
+
+Every file is written to a temp name and renamed, so a report on disk is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from cm3leon_jax.eval import grids
+
+ATTRIBUTE_ROWS = ("all", "colour", "shape", "size", "position", "count")
+SAMPLE_COLUMNS = 8
+INFILL_EXAMPLES = 8  # triptychs in infill.png, two per row
+# The name cm3leon_jax/quickstart.py gives the stage that runs `cm3leon eval --suite quickstart`.
+QUICKSTART_EVAL_STAGE = "generate + evaluate"
+
+
+def quickstart_seconds(workdir: str) -> dict[str, float]:
+  """Per-stage wall times recorded by `cm3leon quickstart` ({} when there are none)."""
+  try:
+    with open(os.path.join(workdir, "quickstart.json")) as f:
+      return {k: float(v) for k, v in json.load(f).get("done", {}).items()}
+  except (FileNotFoundError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
+    return {}
+
+
+def _pct(x) -> str:
+  return "n/a" if x is None else f"{100.0 * x:.1f}%"
+
+
+def _num(x, digits: int = 2) -> str:
+  return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _cell(text: str) -> str:
+  return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+  out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+  return out + [""]
+
+
+def _attribute_table(columns: dict[str, dict | None]) -> list[str]:
+  """Rows = attributes, one column per named score dict (None or a missing key: blank)."""
+  names = list(columns)
+  rows = []
+  for key in ATTRIBUTE_ROWS:
+    if not any(c and key in c for c in columns.values()):
+      continue
+    rows.append([f"**{key}**" if key == "all" else key]
+                + [_pct(c.get(key)) if c and key in c else "" for c in columns.values()])
+  return table(["attribute", *names], rows)
+
+
+def _text_to_image(m: dict) -> list[str]:
+  out = ["## Text-to-image: held-out single-object prompts", "",
+         f"{m['num_prompts']} prompts from the `heldout` split (colour-shape pairs never seen in "
+         f"training), {m['num_candidates']} candidates each ({m['pool']} pool, CFG weight "
+         f"{m['cfg_weight']:g}, {m['num_retrieved']} retrieved documents per prompt"
+         + (f", {m['mean_retrieved']:.2f} on average after dropping those that did not fit "
+            "the window" if m.get("mean_retrieved", m["num_retrieved"]) < m["num_retrieved"]
+            else "") + "), "
+         + ("the best re-ranked by the dual encoder. " if m["reranked"]
+            else "no re-ranking (no dual encoder). ")
+         + "The analyzer parses each image back into objects and checks them against the "
+         "prompt's scene; **all** = every attribute right and exactly one object. Chance = a "
+         "uniformly random object (1/8 colours x 1/5 shapes x 1/2 sizes x 1/9 cells). "
+         "Target (issue 9): all >= 80%.", ""]
+  out += _attribute_table({"best of pool (re-ranked)": m["accuracy"],
+                           "any candidate (mean)": m["accuracy_candidates"],
+                           "chance": m["chance"]})
+  if "clip_score" in m:
+    c = m["clip_score"]
+    out += ["CLIP score (dual encoder, 100 x cosine):", ""]
+    out += table(["images", "CLIP score"], [["best of pool", _num(c["best"])],
+                                           ["all candidates", _num(c["candidates"])],
+                                           ["real renders of the prompts", _num(c["real"])]])
+  f = m["fid"]
+  out += [f"Fréchet distance to {f['num_real']} real held-out single-object images, features: "
+          f"`{f['features']}` (comparable within this project only, not with published FIDs). "
+          "The floor is the distance of as many *real* images to the same set: what sampling "
+          "noise alone gives at that size.", ""]
+  out += table(["generated set", "images", "FID", "real-vs-real floor"],
+               [[name, f[key]["num_images"], _num(f[key]["fid"]), _num(f[key]["floor"])]
+                for name, key in (("best of pool", "best"), ("all candidates", "candidates"))])
+  return out
+
+
+def _captioning(m: dict) -> list[str]:
+  out = ["## Captioning: attribute recall on eval images", "",
+         f"{m['num_images']} eval images captioned (causal prompt, greedy). Each caption is "
+         "parsed with the analyzer's prompt parser and matched to the true scene; recall = the "
+         "fraction of the scene's objects whose attribute the caption states correctly; "
+         "**all** = every attribute of every object and no extra object. The dataset's own "
+         "captions check the parser (should be 100%).", ""]
+  out += _attribute_table({"generated captions": m["recall"],
+                           "dataset captions": m["reference_recall"], "chance": m["chance"]})
+  out += [f"CIDEr-D against the dataset caption (one reference): {m['cider_d']:.1f}", ""]
+  out += table(["generated caption", "dataset caption"],
+               [[e["caption"] or "(empty)", e["reference"]] for e in m["examples"]])
+  return out
+
+
+def _infilling(m: dict) -> list[str]:
+  r0, r1 = m["code_rows"]
+  out = ["## Image infilling", "",
+         f"{m['num_images']} eval images with an object in grid row {m['grid_row']}; code rows "
+         f"{r0}..{r1 - 1} ({_pct(m['masked_fraction'])} of the image) are masked and regenerated "
+         "through `<infill> <mask:0>` from the rest of the image and the caption. Analyzer "
+         "accuracy against the true scene; the band erased to the background is the floor, "
+         "the VQ reconstruction of the whole image the ceiling.", ""]
+  out += _attribute_table({"infilled": m["accuracy"], "band erased": m["erased"],
+                           "VQ reconstruction": m["reconstruction"]})
+  return out
+
+
+def _seconds(metrics: dict, stage_seconds: dict[str, float]) -> list[str]:
+  # The quickstart's own record of this evaluation (from an earlier run) is replaced by the
+  # evaluation's per-stage times, so the total counts it once.
+  earlier = {k: v for k, v in stage_seconds.items() if k != QUICKSTART_EVAL_STAGE}
+  rows = [[f"quickstart: {k}", f"{v:.1f}"] for k, v in earlier.items()]
+  rows += [[f"eval: {k.replace('_', '-')}", f"{v:.1f}"] for k, v in metrics["seconds"].items()]
+  total = sum(earlier.values()) + sum(metrics["seconds"].values())
+  rows.append(["**total**", f"**{total:.1f}**"])
+  return ["## Wall time per stage", ""] + table(["stage", "seconds"], rows)
+
+
+def markdown(metrics: dict, stage_seconds: dict[str, float] | None = None) -> str:
+  out = [f"# CM3Leon evaluation: suite `{metrics['suite']}`, preset `{metrics['preset']}`", ""]
+  headline = []
+  if "text_to_image" in metrics:
+    t = metrics["text_to_image"]
+    headline.append(f"text-to-image all-attributes accuracy {_pct(t['accuracy']['all'])} "
+                    f"(chance {_pct(t['chance']['all'])})")
+  if "captioning" in metrics:
+    headline.append(f"caption attribute recall (all) {_pct(metrics['captioning']['recall']['all'])}")
+  if "infilling" in metrics:
+    headline.append(f"infilling accuracy {_pct(metrics['infilling']['accuracy']['all'])}")
+  if headline:
+    out += ["Headline: " + "; ".join(headline) + ".", ""]
+  if "text_to_image" in metrics:
+    out += _text_to_image(metrics["text_to_image"]) + ["![samples](samples.png)", ""]
+  if "captioning" in metrics:
+    out += _captioning(metrics["captioning"])
+  if "infilling" in metrics:
+    out += _infilling(metrics["infilling"]) + ["![infill](infill.png)", ""]
+  out += _seconds(metrics, stage_seconds or {})
+  return "\n".join(out)
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write(out_dir: str, metrics: dict, figures: dict,
+          stage_seconds: dict[str, float] | None = None) -> list[str]:
+  """metrics.json, report.md and the figures' PNGs into out_dir; returns the paths written."""
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  if "samples" in figures:
+    images, prompts = figures["samples"]
+    path = os.path.join(out_dir, "samples.png")
+    grids.save_png(grids.captioned_grid(images, prompts, columns=SAMPLE_COLUMNS), path)
+    written.append(path)
+  if "infill" in figures:
+    path = os.path.join(out_dir, "infill.png")
+    grids.save_png(grids.infill_grid(*figures["infill"], count=INFILL_EXAMPLES), path)
+    written.append(path)
+  full = dict(metrics, quickstart_seconds=stage_seconds or {})
+  path = os.path.join(out_dir, "metrics.json")
+  _write_text(path, json.dumps(full, indent=1) + "\n")
+  written.append(path)
+  path = os.path.join(out_dir, "report.md")
+  _write_text(path, markdown(metrics, stage_seconds))
+  written.append(path)
+  return written

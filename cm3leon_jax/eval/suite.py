@@ -1,0 +1,215 @@
+"""Named evaluation suites on Shapes: what `cm3leon eval --suite NAME` measures.
+
+    metrics, figures = run_suite("quickstart", config, generator, embedder)
+    report.write(out_dir, metrics, figures)
+
+Stages (each reads its counts from `config.eval`):
+- text_to_image: held-out single-object prompts (the `heldout` split: colour-shape pairs never
+  seen in training), `num_candidates` samples each with the config's decoding (retrieval, CFG,
+  pool, re-ranking), scored by the analyzer against the prompt's scene; the random-chance
+  baseline beside it; CLIP score; Fréchet distance of the images against real held-out images,
+  with the real-vs-real distance of as many images beside it (the floor at that sample size).
+- captioning: eval images captioned (causal prompt, greedy); attribute recall of the captions
+  against the ground-truth scenes, chance, and CIDEr-D against the dataset's caption.
+- infilling: eval images with an object in grid row `infill_row`; the band of code rows over that
+  row is masked and regenerated from the rest of the image and the caption; analyzer accuracy
+  against the scene, between "band erased" (lower) and "VQ reconstruction" (upper) bounds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cm3leon_jax.data import shapes
+from cm3leon_jax.errors import InputError
+from cm3leon_jax.eval import attributes
+from cm3leon_jax.eval.clip_score import clip_score
+from cm3leon_jax.eval.features import feature_extractor
+from cm3leon_jax.eval.fid import fid
+
+SUITES = {
+    "quickstart": ("text_to_image", "captioning", "infilling"),
+    "text-to-image": ("text_to_image",),
+    "captioning": ("captioning",),
+    "infilling": ("infilling",),
+}
+NUM_EXAMPLES = 8  # captions listed in the report
+MASK_GREY = 128  # how the masked band is drawn in infill.png
+
+Records = Callable[[str], Sequence[dict]]
+
+
+def _take(source: Sequence[dict], keep: Callable[[dict], bool], count: int) -> list[dict]:
+  """The first `count` records of a split that `keep` accepts (in index order)."""
+  out = []
+  for i in range(len(source)):
+    if len(out) >= count:
+      break
+    record = source[i]
+    if "scene" not in record:
+      raise InputError(f"eval: {source!r} has no Shapes scenes; the suites need the shapes "
+                       "dataset (--config.data.dataset=shapes)")
+    if keep(record):
+      out.append(record)
+  return out
+
+
+def _images(records: Sequence[dict]) -> np.ndarray:
+  return np.stack([np.asarray(r["image"], np.uint8) for r in records])
+
+
+def _fid_row(extract, images, floor_images, real_features) -> dict:
+  """FID of `images` vs the real set, and of as many other real images (the noise floor)."""
+  if len(images) < 2 or len(real_features) < 2:
+    return {"num_images": len(images), "fid": None, "floor": None}
+  row = {"num_images": len(images), "fid": fid(extract(images), real_features), "floor": None}
+  if len(floor_images) >= 2:
+    row["floor"] = fid(extract(floor_images), real_features)
+  return row
+
+
+# --- stages ----------------------------------------------------------------------------------
+
+def text_to_image(config, generator, embedder, records: Records) -> tuple[dict, dict]:
+  e, d = config.eval, config.decoding
+  n_prompts, n_cand = int(e.num_prompts), int(e.num_candidates)
+  if n_prompts < 1 or n_cand < 1:
+    raise InputError("--config.eval.num_prompts and eval.num_candidates must be >= 1")
+  single = lambda r: len(r["scene"].objects) == 1
+  n_real = int(e.num_fid_real)
+  # prompts, then the FID reference set, then more real images for the all-candidates floor.
+  pool = _take(records("heldout"), single, n_prompts + n_real + n_prompts * (n_cand - 1))
+  prompts_r = pool[:n_prompts]
+  if not prompts_r:
+    raise InputError("eval: the heldout split has no single-object scenes")
+  real_ref = pool[n_prompts:n_prompts + n_real]
+  extra = pool[n_prompts + n_real:]
+  prompts = [r["text"] for r in prompts_r]
+  scenes = [r["scene"] for r in prompts_r]
+  num_retrieved = int(d.num_retrieved) if generator.retriever is not None else 0
+  result = generator.text_to_image(prompts, num_candidates=n_cand, num_retrieved=num_retrieved,
+                                   seed=int(e.seed))
+  best, cands = result.images_BHWC, result.candidates_BNHWC
+  flat = cands.reshape(-1, *cands.shape[2:])
+  out = {
+      "num_prompts": len(prompts), "num_candidates": n_cand, "pool": d.pool,
+      "cfg_weight": float(d.cfg_weight), "num_retrieved": num_retrieved,
+      # Fewer when documents had to be dropped to fit the window (decode/api.py).
+      "mean_retrieved": float(np.mean([len(r) for r in result.retrieved])),
+      "reranked": result.scores_BN is not None,
+      "accuracy": attributes.image_accuracy(best, scenes),
+      "accuracy_candidates": attributes.image_accuracy(flat, [s for s in scenes
+                                                              for _ in range(n_cand)]),
+      "chance": attributes.chance(1),
+      "prompts": prompts,
+  }
+  if embedder is not None:
+    out["clip_score"] = {
+        "best": clip_score(embedder, best, prompts),
+        "candidates": clip_score(embedder, flat, [p for p in prompts for _ in range(n_cand)]),
+        "real": clip_score(embedder, _images(prompts_r), prompts)}
+  extract = feature_extractor(config, embedder)
+  real_features = extract(_images(real_ref)) if len(real_ref) >= 2 else np.zeros((0, 1))
+  # Floors: the prompts' own renders (for the best images); those plus further real images
+  # (for all candidates), when the split has as many as there are candidates.
+  floor_all = prompts_r + extra if len(prompts_r) + len(extra) == len(flat) else []
+  out["fid"] = {
+      "features": config.eval.fid_features, "num_real": len(real_ref),
+      "best": _fid_row(extract, best, _images(prompts_r), real_features),
+      "candidates": _fid_row(extract, flat, _images(floor_all) if floor_all else [],
+                             real_features)}
+  return out, {"samples": (best, prompts)}
+
+
+def captioning(config, generator, embedder, records: Records) -> tuple[dict, dict]:
+  from cm3leon_jax.eval.captioning import cider_d
+  del embedder
+  count = int(config.eval.num_captions)
+  chosen = _take(records("eval"), lambda r: True, count)
+  if not chosen:
+    raise InputError("eval: the eval split is empty")
+  scenes = [r["scene"] for r in chosen]
+  references = [r["text"] for r in chosen]
+  captions = generator.caption(_images(chosen))
+  ids = [str(i) for i in range(len(chosen))]
+  cider = cider_d(dict(zip(ids, ([r] for r in references))), dict(zip(ids, captions)))
+  return {
+      "num_images": len(chosen),
+      "recall": attributes.caption_recall(captions, scenes),
+      "reference_recall": attributes.caption_recall(references, scenes),
+      "chance": attributes.chance_for_scenes(scenes),
+      "cider_d": cider,
+      "examples": [{"caption": c, "reference": r}
+                   for c, r in zip(captions[:NUM_EXAMPLES], references)],
+  }, {}
+
+
+def band_rows(grid_row: int, image_size: int, code_grid: int) -> tuple[int, int]:
+  """Code rows [start, end) covering the pixel rows of 3x3 grid row `grid_row`."""
+  if not 0 <= grid_row <= 2:
+    raise InputError(f"--config.eval.infill_row={grid_row}: expected 0, 1 or 2")
+  f = image_size / code_grid  # pixels per code
+  y0, y1 = grid_row * image_size / 3, (grid_row + 1) * image_size / 3
+  return int(np.floor(y0 / f)), int(np.ceil(y1 / f))
+
+
+def infilling(config, generator, embedder, records: Records) -> tuple[dict, dict]:
+  del embedder
+  row = int(config.eval.infill_row)
+  chosen = _take(records("eval"), lambda r: any(o.row == row for o in r["scene"].objects),
+                 int(config.eval.num_infill))
+  if not chosen:
+    raise InputError(f"eval: no eval image has an object in grid row {row}")
+  images = _images(chosen)
+  scenes = [r["scene"] for r in chosen]
+  tok = generator.image_tokenizer
+  size, grid = images.shape[1], tok.grid
+  r0, r1 = band_rows(row, size, grid)
+  region = np.zeros((grid, grid), bool)
+  region[r0:r1] = True
+  y0, y1 = r0 * size // grid, r1 * size // grid
+  infilled = generator.infill_image(images, [r["text"] for r in chosen], region.reshape(-1),
+                                    seed=int(config.eval.seed))
+  erased = images.copy()
+  for image, scene in zip(erased, scenes):
+    image[y0:y1] = shapes.BACKGROUNDS[scene.background]
+  masked = images.copy()
+  masked[:, y0:y1] = MASK_GREY
+  reconstructed = tok.decode(tok.encode(images))
+  return {
+      "num_images": len(chosen), "grid_row": row, "code_rows": [r0, r1],
+      "masked_fraction": (r1 - r0) / grid,
+      "accuracy": attributes.image_accuracy(infilled, scenes),
+      "erased": attributes.image_accuracy(erased, scenes),
+      "reconstruction": attributes.image_accuracy(reconstructed, scenes),
+  }, {"infill": (images, masked, infilled)}
+
+
+STAGES = {"text_to_image": text_to_image, "captioning": captioning, "infilling": infilling}
+
+
+def run_suite(name: str, config, generator, embedder=None, records: Records | None = None,
+              log: Callable[[str], None] = print) -> tuple[dict, dict]:
+  """Run suite `name`; returns (metrics, figures) for report.write.
+
+  records(split) gives a split's records ({'image', 'text', 'scene'}); default: the built
+  dataset (data/sources.py). embedder: the dual encoder (CLIP score, FID features), or None.
+  """
+  if name not in SUITES:
+    raise InputError(f"--suite {name}: unknown suite (choose from {', '.join(SUITES)})")
+  if records is None:
+    from cm3leon_jax.data.sources import image_text_source
+    records = lambda split: image_text_source(config, split)
+  metrics = {"suite": name, "preset": config.name, "seconds": {}}
+  figures = {}
+  for stage in SUITES[name]:
+    log(f"eval {name}: {stage.replace('_', '-')} ...")
+    start = time.time()
+    metrics[stage], figs = STAGES[stage](config, generator, embedder, records)
+    metrics["seconds"][stage] = time.time() - start
+    figures.update(figs)
+    log(f"eval {name}: {stage.replace('_', '-')} done in {metrics['seconds'][stage]:.1f} s")
+  return metrics, figures
