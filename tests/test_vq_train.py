@@ -77,6 +77,7 @@ def test_gan_step_trains_the_discriminator():
   assert any(not np.allclose(a, b) for a, b in zip(before, after))
 
 
+# Three short runs (one compile each): the slow tests below share them.
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """4 steps in one go, and 4 steps stopped after 1 (a zero time budget) then resumed."""
@@ -93,6 +94,7 @@ def trained(tmp_path_factory):
   return c, root, whole, resumed
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(trained):
   c, root, whole, resumed = trained
   a, step_a = vq.restore_model(str(root / "whole"), c.vq)
@@ -103,6 +105,7 @@ def test_resumed_run_matches_an_uninterrupted_one(trained):
   assert resumed["eval_psnr"] == pytest.approx(whole["eval_psnr"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_writes_metrics_checkpoints_and_a_picture(trained):
   c, root, whole, _ = trained
   rows = [json.loads(l) for l in open(root / "whole" / "metrics.jsonl")]
@@ -116,6 +119,7 @@ def test_writes_metrics_checkpoints_and_a_picture(trained):
   assert Image.open(root / "whole" / "recon-000004.png").size == (16 * 128, 2 * 128)
 
 
+@pytest.mark.slow
 def test_tokenizer_loads_from_the_trainer_output(trained):
   c, root, _, _ = trained
   tok = vq.ImageTokenizer.load(c, str(root / "whole"))
@@ -123,6 +127,7 @@ def test_tokenizer_loads_from_the_trainer_output(trained):
   assert tok.encode(np.stack(_blocks(2))).shape == (2, 16)
 
 
+@pytest.mark.slow
 def test_another_architecture_cannot_resume_or_load_a_checkpoint(trained):
   _, root, _, _ = trained
   other = _config("vq.codebook_size=32")

@@ -45,8 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--vq", default=None, help="VQ checkpoint directory (default: <workdir>/vq)")
   p.add_argument("--text-tokenizer", default=None,
                  help="text tokenizer JSON (default: <workdir>/text_tokenizer.json)")
-  p.add_argument("--batch-size", type=int, default=None, help="images per jitted call "
-                 "(default: vq.batch_size)")
+  p.add_argument("--batch-size", type=int, default=256, help="images per jitted call")
   p.add_argument("--shard-size", type=int, default=4096, help="documents per shard")
 
 
@@ -166,7 +165,7 @@ def run(args, config) -> int:
          "vq_step": image_tokenizer.checkpoint_step,
          "text_tokenizer": _fingerprint(text_path), "image_size": int(config.vq.image_size)}
   n = encode_dataset(source, image_tokenizer, text_tokenizer, vocab, output, job,
-                     batch_size=args.batch_size or int(config.vq.batch_size),
+                     batch_size=args.batch_size,
                      shard_size=args.shard_size,
                      progress=sys.stderr.isatty() and jax.process_index() == 0,
                      write=jax.process_index() == 0)

@@ -261,7 +261,7 @@ def train(config, train_source, eval_source, output: str, steps: int | None = No
   key = jax.random.key(int(config.train.seed))
   metrics_path = os.path.join(output, "metrics.jsonl")
   log = open(metrics_path, "a")
-  t0, trained_s, step, window = time.time(), 0.0, start, []
+  t0, step, window = time.time(), start, []
   bar = tqdm(total=steps, initial=start, desc="train-vq", disable=not progress, file=sys.stderr)
   with jax.set_mesh(mesh):
     while step < steps:
