@@ -9,7 +9,9 @@ training the indices are `arange(L)` for both; a KV-cached decoder passes the ca
 indices for the keys (empty slots get an index past every query, so they are never seen).
 
 Backends (`config.model.attention`):
-- "xla": the reference einsum + masked softmax in float32; runs everywhere.
+- "xla": einsum + masked softmax in float32; runs everywhere. Self-attention over rows longer
+  than XLA_CHUNK skips the masked upper triangle chunk by chunk (`chunked_causal_attention`);
+  `xla_attention` is the plain reference.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention on NVIDIA
   GPUs; half precision only, float32 falls back to "xla") with the same boolean mask. On other platforms the same call runs JAX's XLA
   implementation, which is how the CPU tests check it against the reference.
@@ -30,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("auto", "xla", "cudnn", "splash")
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+XLA_CHUNK = 128  # query chunk of the XLA path's causal block skipping (rows > this only)
 
 
 _TPU_TARGET = [False]
@@ -74,6 +77,32 @@ def xla_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS):
   scores_BHLS = jnp.where(mask_BLS[:, None], scores_BHLS, _NEG_INF)
   probs_BHLS = jax.nn.softmax(scores_BHLS, axis=-1)
   return jnp.einsum("BHLS,BSHK->BLHK", probs_BHLS.astype(v_BSHK.dtype), v_BSHK)
+
+
+def chunked_causal_attention(q_BLHK, k_BLHK, v_BLHK, mask_BLL, chunk: int = 128):
+  """Self-attention computed in query chunks that only read the keys up to the chunk's end.
+
+  Same result as `xla_attention` for causal masks, with about (1 + 1/n) / 2 of its work for n
+  chunks: the masked upper triangle is skipped block-wise, like a flash kernel, which is what
+  makes the XLA path competitive on CPUs. Normalisation happens after the p.v product
+  (one pass less over the [L, L] scores). Layout [B, H, L, K] inside: one transpose each way.
+  """
+  B, L, H, K = q_BLHK.shape
+  to_bhlk = lambda x: jnp.swapaxes(x, 1, 2)
+  q_BHLK = to_bhlk(q_BLHK) * jnp.asarray(K ** -0.5, q_BLHK.dtype)
+  k_BHLK, v_BHLK = to_bhlk(k_BLHK), to_bhlk(v_BLHK)
+  outs = []
+  for start in range(0, L, chunk):
+    end = min(start + chunk, L)
+    scores = jnp.einsum("BHLK,BHSK->BHLS", q_BHLK[:, :, start:end], k_BHLK[:, :, :end],
+                        preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_BLL[:, None, start:end, :end], scores, _NEG_INF)
+    # Any per-row constant gives the same softmax; no gradient needs to flow through it.
+    probs = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+    out = jnp.einsum("BHLS,BHSK->BHLK", probs.astype(v_BHLK.dtype), v_BHLK[:, :, :end],
+                     preferred_element_type=jnp.float32)
+    outs.append((out / probs.sum(-1, keepdims=True)).astype(q_BLHK.dtype))
+  return to_bhlk(jnp.concatenate(outs, axis=2))
 
 
 def cudnn_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS):
@@ -141,4 +170,6 @@ def attention(q_BLHK, k_BSHK, v_BSHK, q_segment_ids_BL, kv_segment_ids_BS,
   mask_BLS = attention_mask(q_segment_ids_BL, kv_segment_ids_BS, q_index_BL, kv_index_BS)
   if backend == "cudnn" and q_BLHK.dtype in (jnp.bfloat16, jnp.float16):
     return cudnn_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS)
+  if self_attention and L == S and L > XLA_CHUNK:
+    return chunked_causal_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS, XLA_CHUNK)
   return xla_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS)

@@ -1,0 +1,186 @@
+"""Train-step throughput: our JAX/Flax decoder vs Hugging Face OPTForCausalLM (PyTorch AdamW),
+same shape, same batch, same machine, one run.
+
+    python experiments/bench/train_step.py                  # bench preset on this CPU
+    python experiments/bench/train_step.py --rounds 3 --steps 3
+
+The `bench` preset: d=512, 8 layers, 8 heads of 64, d_ff 2048, seq 1024, batch 4, vocab 16,384.
+The peer is OPT with the same shape and our choices: pre-LN, no biases, no LayerNorm
+parameters, ReLU, tied embeddings, no dropout, AdamW (0.9, 0.95, wd 0.1) with clip 1.0.
+Both run float32 on CPU (bf16 matmuls are slower than float32 on this kind of CPU,
+JAX_NOTES.md). The CPU's peak is measured here: a float32 2048^3 matmul, median of 5.
+Rounds alternate JAX and PyTorch so a change in the machine's load hits both; medians are
+reported. MFU uses the analytic model FLOPs of cm3leon_jax/train/flops.py for both (causal
+attention counted as half of full attention).
+
+On a GPU (when JAX sees one) the script instead reports MFU of the `cm3leon_350m` preset
+(bf16, cuDNN attention) against the chip's bf16 peak from flops.PEAK_FLOPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cm3leon_jax import configs  # noqa: E402
+from cm3leon_jax.model.decoder import DecoderConfig  # noqa: E402
+from cm3leon_jax.train import flops  # noqa: E402
+from cm3leon_jax.train.mesh import global_batch, make_mesh  # noqa: E402
+from cm3leon_jax.train.state import init_train_state  # noqa: E402
+from cm3leon_jax.train.step import make_train_step  # noqa: E402
+from cm3leon_jax.train.synthetic import synthetic_batch  # noqa: E402
+
+
+def jax_runner(config):
+  """A function running n train steps and returning their wall times."""
+  mesh = make_mesh(config.mesh)
+  ts = init_train_state(config, mesh)
+  step = make_train_step(config, ts, mesh)
+  batch = global_batch(synthetic_batch(config, config.train.batch_size, seed=0), mesh)
+  holder = {"state": ts.state}
+
+  def run(n):
+    times = []
+    with jax.set_mesh(mesh):
+      for _ in range(n):
+        t = time.perf_counter()
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    return times, float(metrics["loss"])
+  return run
+
+
+def torch_runner(config):
+  import torch
+  from transformers import OPTConfig, OPTForCausalLM
+  m, cfg = config.model, DecoderConfig.from_config(config)
+  torch.manual_seed(0)
+  opt_config = OPTConfig(
+      vocab_size=cfg.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.num_layers,
+      ffn_dim=m.d_ff, max_position_embeddings=m.seq_len, num_attention_heads=m.num_heads,
+      do_layer_norm_before=True, word_embed_proj_dim=m.d_model, dropout=0.0,
+      attention_dropout=0.0, activation_function="relu", enable_bias=False,
+      layer_norm_elementwise_affine=False, tie_word_embeddings=True, init_std=m.init_std)
+  model = OPTForCausalLM(opt_config).train()
+  o = config.optimizer
+  optim = torch.optim.AdamW(model.parameters(), lr=o.peak_lr, betas=(o.b1, o.b2), eps=o.eps,
+                            weight_decay=o.weight_decay)
+  batch = synthetic_batch(config, config.train.batch_size, seed=0)
+  inputs = torch.from_numpy(batch["inputs"].astype(np.int64))
+  labels = torch.from_numpy(np.where(batch["weights"] > 0, batch["inputs"], -100).astype(np.int64))
+
+  def run(n):
+    times = []
+    for _ in range(n):
+      t = time.perf_counter()
+      optim.zero_grad(set_to_none=True)
+      loss = model(input_ids=inputs, labels=labels).loss
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+      optim.step()
+      times.append(time.perf_counter() - t)
+    return times, float(loss)
+  return run, sum(p.numel() for p in model.parameters())
+
+
+def cpu_table(args):
+  config = configs.load(args.config, args.override)
+  cfg = DecoderConfig.from_config(config)
+  tokens = config.train.batch_size * cfg.seq_len
+  flops_step = flops.train_flops_per_step(cfg, config.train.batch_size)
+  print(f"machine: {os.cpu_count()} CPU cores ({jax.devices()[0].device_kind}), "
+        f"jax {jax.__version__}", flush=True)
+  print(f"shape: {config.name}: layers {cfg.num_layers}, d {cfg.d_model}, heads {cfg.num_heads}, "
+        f"ff {cfg.d_ff}, seq {cfg.seq_len}, batch {config.train.batch_size}, vocab "
+        f"{cfg.vocab_size}; {flops_step / 1e12:.3f} model TFLOP per step", flush=True)
+
+  runners = {"jax (ours)": jax_runner(config)}
+  if not args.skip_torch:
+    import torch
+    run, n_params = torch_runner(config)
+    runners[f"pytorch {torch.__version__} OPT"] = run
+    print(f"torch threads: {torch.get_num_threads()}; OPT params {n_params / 1e6:.1f}M", flush=True)
+  for name, run in runners.items():  # compile / warm up
+    t0 = time.perf_counter()
+    run(args.warmup)
+    print(f"warm-up {name}: {time.perf_counter() - t0:.1f}s", flush=True)
+
+  times = {name: [] for name in runners}
+  losses = {}
+  peaks = []
+  for r in range(args.rounds):
+    peaks.append(flops.measure_matmul_peak.__wrapped__(2048, "float32", 5))
+    for name, run in runners.items():
+      ts, losses[name] = run(args.steps)
+      times[name] += ts
+      print(f"round {r + 1}: {name}: median step {statistics.median(ts):.3f}s", flush=True)
+  peak = statistics.median(peaks)
+
+  print(f"\nCPU float32 matmul peak (2048^3, median of {len(peaks)} rounds x 5): "
+        f"{peak / 1e9:.1f} GFLOP/s")
+  header = f"| {'framework':<26} | step s (median) | tokens/s | GFLOP/s | MFU (% of peak) | loss |"
+  print(header)
+  print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+  base = None
+  for name in runners:
+    step_s = statistics.median(times[name])
+    tps = tokens / step_s
+    base = base or tps
+    print(f"| {name:<26} | {step_s:15.3f} | {tps:8.0f} | {flops_step / step_s / 1e9:7.1f} | "
+          f"{100 * flops_step / step_s / peak:15.1f} | {losses[name]:.3f} |")
+  if len(runners) == 2:
+    (a, ta), (b, tb) = [(n, statistics.median(t)) for n, t in times.items()]
+    print(f"\ntokens/s ratio {a} / {b}: {tb / ta:.2f}x (target >= 1.0); "
+          f"MFU target >= 40% of the measured peak")
+
+
+def gpu_table(args):
+  config = configs.load("cm3leon_350m", ["mesh.data=1", "mesh.fsdp=-1",
+                                        f"train.batch_size={args.gpu_batch}",
+                                        "model.attention=cudnn",
+                                        f"model.remat_policy={args.gpu_remat}", *args.override])
+  cfg = DecoderConfig.from_config(config)
+  run = jax_runner(config)
+  run(args.warmup)
+  ts, loss = run(args.steps * args.rounds)
+  step_s = statistics.median(ts)
+  device = jax.devices()[0]
+  peak, source = flops.peak_flops_per_device(device)
+  flops_step = flops.train_flops_per_step(cfg, config.train.batch_size)
+  util = flops.mfu(flops_step, step_s, jax.device_count(), peak)
+  tokens = config.train.batch_size * cfg.seq_len
+  print(f"| preset | device | batch | remat | step s | tokens/s | MFU ({source}) | loss |")
+  print("|---|---|---|---|---|---|---|---|")
+  print(f"| cm3leon_350m | {device.device_kind} x{jax.device_count()} | {config.train.batch_size} "
+        f"| {config.model.remat_policy} | {step_s:.3f} | {tokens / step_s:.0f} | "
+        f"{100 * util:.1f}% | {loss:.3f} |")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="bench")
+  p.add_argument("--override", nargs="*", default=[], help="config overrides a.b=value")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--steps", type=int, default=3, help="timed steps per framework per round")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--skip-torch", action="store_true")
+  p.add_argument("--gpu-batch", type=int, default=8)
+  p.add_argument("--gpu-remat", default="dots_saveable")
+  args = p.parse_args()
+  if jax.default_backend() == "gpu":
+    gpu_table(args)
+  else:
+    cpu_table(args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,73 @@
+"""Two real JAX processes on this machine (gloo CPU collectives, 2 CPU devices each) run
+`cm3leon train` on the project's data together: one 4-device mesh, each process feeding its
+own half of the global batch, one shared Orbax checkpoint that a single process restores."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from cm3leon_jax import configs
+from cm3leon_jax.train.checkpoint import Checkpointer
+from cm3leon_jax.train.mesh import make_mesh
+from cm3leon_jax.train.state import abstract_train_state
+from tests.test_trainer import OVERRIDES, write_project_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  write_project_data(workdir)
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  args = [sys.executable, "-m", "cm3leon_jax", "train", "--config", "tiny",
+          f"--config.workdir={workdir}", *OVERRIDES, "--config.train.steps=3",
+          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--no-progress",
+          "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+  procs = [subprocess.Popen(args + ["--process-id", str(i)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = []
+  for p in procs:
+    try:
+      outputs.append(p.communicate(timeout=300)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert "train: step 3/3" in outputs[0]  # process 0 reports; process 1 stays quiet
+  assert "train: step" not in outputs[1]
+
+  with open(os.path.join(workdir, "decoder", "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  assert all(np.isfinite(r["loss"]) and r["tokens"] > 0 for r in records)
+
+  # The checkpoint written by both processes restores in this single process (8 devices).
+  config = configs.load("tiny", [f"workdir={workdir}", *(o[9:] for o in OVERRIDES),
+                                 "train.steps=3"])
+  ckpt = Checkpointer(os.path.join(workdir, "decoder", "checkpoints"), config)
+  assert ckpt.all_steps() == [2, 3]
+  state = ckpt.restore(abstract_train_state(config, make_mesh(config.mesh)))
+  ckpt.close()
+  assert int(state[1]["step"][...]) == 3
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.to_pure_dict(state)))
+  data_files = os.listdir(os.path.join(workdir, "decoder", "checkpoints", "3", "data"))
+  assert len([f for f in data_files if f.startswith("process_")]) == 2  # one iterator per host

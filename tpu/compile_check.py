@@ -1,0 +1,171 @@
+"""AOT-compile the real train step of the paper presets for real TPU topologies, on this CPU host.
+
+    pip install libtpu==0.0.42.1        # (requirements-dev.txt) the TPU compiler, no TPU needed
+    python tpu/compile_check.py                                    # every preset x topology
+    python tpu/compile_check.py --config cm3leon_7b --topology v5p:4x4x8
+    python tpu/compile_check.py --config cm3leon_350m --topology v5e:4x4 --micro-batch 4 --remat none
+
+For each (preset, topology) it builds the ('data', 'fsdp', 'tensor') mesh over the topology's
+devices, the abstract sharded train state (no parameters are allocated), and lowers and
+compiles `make_train_step` (AdamW, gradient accumulation, splash attention as the real TPU
+kernel) with `jax.jit(...).lower(...).compile()`. It prints per-device memory from
+`memory_analysis()` against the chip's HBM, the compiled FLOPs per device from
+`cost_analysis()` next to the analytic model FLOPs, and the plan it chose.
+
+The plan: the paper's global batch (train.batch_size sequences of seq_len tokens) is kept; it
+is split into microbatches of `micro_batch` sequences per data x fsdp shard by gradient
+accumulation. Without explicit flags, plans are tried from fastest to leanest (larger
+microbatches and less rematerialisation first) until one fits in HBM_FRACTION of the chip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+# Several processes on one host may load libtpu to compile (no TPU is opened).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+from cm3leon_jax import configs  # noqa: E402
+from cm3leon_jax.errors import InputError  # noqa: E402
+from cm3leon_jax.model.attention import compiling_for_tpu  # noqa: E402
+from cm3leon_jax.model.decoder import DecoderConfig  # noqa: E402
+from cm3leon_jax.train import flops  # noqa: E402
+from cm3leon_jax.train.mesh import MESH_AXES, mesh_shape  # noqa: E402
+from cm3leon_jax.train.state import abstract_train_state  # noqa: E402
+from cm3leon_jax.train.step import BATCH_DTYPES, make_train_step  # noqa: E402
+
+GIB = 1024 ** 3
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+HBM_FRACTION = 0.9  # leave room for the runtime and fragmentation
+PRESETS = ("cm3leon_350m", "cm3leon_760m", "cm3leon_7b")
+DEFAULT_TOPOLOGIES = ("v5p:2x2x2", "v5e:4x4")
+# Plans tried in order, fastest first: (microbatch sequences per batch shard, remat policy).
+PLANS = ((4, "dots_saveable"), (1, "dots_saveable"), (1, "nothing_saveable"))
+
+
+@dataclasses.dataclass
+class Result:
+  preset: str
+  topology: str
+  devices: int
+  mesh: tuple
+  micro_batch: int
+  grad_accum: int
+  remat: str
+  memory_gib: float
+  hbm_gib: float
+  compiled_tflops: float
+  analytic_tflops: float
+  compile_s: float
+
+  @property
+  def fits(self) -> bool:
+    return self.memory_gib <= HBM_FRACTION * self.hbm_gib
+
+
+def chip_of(topology: str) -> str:
+  return topology.split(":")[0].split("_")[0].split("=")[0]
+
+
+def tpu_mesh(topology: str, mesh_config) -> Mesh:
+  topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+  shape = mesh_shape(mesh_config, len(topo.devices))
+  physical = topologies.make_mesh(topo, shape, MESH_AXES)
+  return Mesh(physical.devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def compile_one(preset: str, topology: str, micro_batch: int, remat: str,
+                mesh_overrides=("mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1")) -> Result:
+  base = configs.load(preset, list(mesh_overrides))
+  mesh = tpu_mesh(topology, base.mesh)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = base.train.batch_size
+  if batch % (shards * micro_batch):
+    raise InputError(f"{preset}: train.batch_size={batch} does not split into {shards} shards x "
+                     f"microbatches of {micro_batch}")
+  accum = batch // (shards * micro_batch)
+  config = configs.load(preset, [*mesh_overrides, f"train.grad_accum={accum}",
+                                 f"model.remat_policy={remat}", "model.attention=splash"])
+  ts = abstract_train_state(config, mesh)
+  step = make_train_step(config, ts, mesh)
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  batch_spec = {k: jax.ShapeDtypeStruct((batch, config.model.seq_len), dtype,
+                                        sharding=batch_sharding)
+                for k, dtype in BATCH_DTYPES.items()}
+  t = time.perf_counter()
+  with jax.set_mesh(mesh), compiling_for_tpu():
+    compiled = step.lower(ts.state, batch_spec).compile()
+  compile_s = time.perf_counter() - t
+  mem = compiled.memory_analysis()
+  per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cfg = DecoderConfig.from_config(config)
+  analytic = flops.train_flops_per_step(cfg, batch) / mesh.devices.size
+  return Result(preset, topology, mesh.devices.size, tuple(mesh.shape.values()), micro_batch,
+                accum, remat, per_device / GIB, HBM_GIB.get(chip_of(topology), float("nan")),
+                float(cost.get("flops", 0.0)) / 1e12, analytic / 1e12, compile_s)
+
+
+def fit(preset: str, topology: str, plans=PLANS) -> Result:
+  """The first plan (fastest first) whose per-device memory fits the chip's HBM."""
+  result = None
+  for micro_batch, remat in plans:
+    result = compile_one(preset, topology, micro_batch, remat)
+    print(format_row(result), flush=True)
+    if result.fits:
+      return result
+  return result
+
+
+HEADER = ("| preset | topology | chips | mesh (data, fsdp, tensor) | micro-batch x accum | remat "
+          "| memory / device GiB | HBM GiB | fits | compiled TFLOP / device | analytic TFLOP / "
+          "device | compile s |")
+
+
+def format_row(r: Result) -> str:
+  return (f"| {r.preset} | {r.topology} | {r.devices} | {r.mesh} | {r.micro_batch} x "
+          f"{r.grad_accum} | {r.remat} | {r.memory_gib:.2f} | {r.hbm_gib:.0f} | "
+          f"{'yes' if r.fits else 'NO'} | {r.compiled_tflops:.1f} | {r.analytic_tflops:.1f} | "
+          f"{r.compile_s:.0f} |")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", nargs="*", default=list(PRESETS))
+  p.add_argument("--topology", nargs="*", default=list(DEFAULT_TOPOLOGIES))
+  p.add_argument("--micro-batch", type=int, default=None)
+  p.add_argument("--remat", default=None, choices=("none", "dots_saveable", "nothing_saveable"))
+  args = p.parse_args(argv)
+  plans = PLANS
+  if args.micro_batch or args.remat:
+    plans = ((args.micro_batch or 1, args.remat or "nothing_saveable"),)
+  print(f"jax {jax.__version__}; HBM budget {HBM_FRACTION:.0%} of each chip's HBM")
+  print(HEADER)
+  print("|" + "---|" * (HEADER.count("|") - 1))
+  chosen = []
+  for preset in args.config:
+    for topology in args.topology:
+      chosen.append(fit(preset, topology, plans))
+  print("\nchosen plans:")
+  print(HEADER)
+  print("|" + "---|" * (HEADER.count("|") - 1))
+  for r in chosen:
+    print(format_row(r))
+  return 0 if all(r.fits for r in chosen) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
