@@ -222,7 +222,7 @@ def run(args, config) -> int:
                      seed=args.seed, columns=args.columns)
   for r in records:
     if args.task == "caption":
-      print(f"{r['image']}: {r['caption']}")
+      print(f"{r['image']}: {r['caption'] or '(empty caption)'}")
   print(f"generate {args.task}: {len(records)} outputs -> {os.path.join(out_dir, 'grid.png')}, "
         f"{os.path.join(out_dir, 'outputs.jsonl')}")
   return 0
