@@ -70,7 +70,8 @@ def _text_to_image(m: dict) -> list[str]:
             "the window" if m.get("mean_retrieved", m["num_retrieved"]) < m["num_retrieved"]
             else "") + "), "
          + ("the best re-ranked by the dual encoder. " if m["reranked"]
-            else "no re-ranking (no dual encoder). ")
+            else "no re-ranking (" + ("one candidate per prompt). " if m["num_candidates"] == 1
+                                     else "no dual encoder). "))
          + "The analyzer parses each image back into objects and checks them against the "
          "prompt's scene; **all** = every attribute right and exactly one object. Chance = a "
          "uniformly random object (1/8 colours x 1/5 shapes x 1/2 sizes x 1/9 cells). "
