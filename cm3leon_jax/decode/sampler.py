@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from cm3leon_jax.decode import constraints as C
-from cm3leon_jax.decode.cache import KVCache, forward_cached, init_cache
+from cm3leon_jax.decode.cache import KVCache, forward_cached, init_cache, layer_params
 from cm3leon_jax.decode.cdk import cdk_scores
 from cm3leon_jax.decode.guidance import cfg, cfg_two
 from cm3leon_jax.decode.sampling import sample, top_k_filter, top_p_filter
@@ -116,9 +116,11 @@ def _combine(logits_SBV, mask_BV, knobs: SamplerKnobs, spec: SamplerSpec):
   else:
     guided = cfg_two(masked[1], masked[2], cond, knobs.image_weight, knobs.text_weight)
   guided = top_p_filter(top_k_filter(guided, spec.top_k), knobs.top_p_B)
-  if spec.num_streams >= 2:
-    contrastive = cdk_scores(cond, masked[1], spec.cdk_k, knobs.cdk_alpha)
-    guided = jnp.where(knobs.use_cdk_B[:, None], contrastive, guided)
+  if spec.num_streams >= 2:  # CD-K rows; computed only when a row uses it (lax.cond)
+    def with_cdk(guided):
+      contrastive = cdk_scores(cond, masked[1], spec.cdk_k, knobs.cdk_alpha)
+      return jnp.where(knobs.use_cdk_B[:, None], contrastive, guided)
+    guided = jax.lax.cond(jnp.any(knobs.use_cdk_B), with_cdk, lambda g: g, guided)
   return jnp.where(mask_BV, guided, -jnp.inf)
 
 
@@ -152,7 +154,9 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, lengths_B, s
   rows, width = prompt_ids.shape
   batch = rows // spec.num_streams
   cache = init_cache(model, rows, width + spec.max_new_tokens)
-  logits, cache = forward_cached(model, cache, prompt_ids, prompt_pos, prompt_seg, jnp.int32(0))
+  layers = layer_params(model)  # sliced once here, not in every step of the loop
+  logits, cache = forward_cached(model, cache, prompt_ids, prompt_pos, prompt_seg, jnp.int32(0),
+                                 layers)
   rng, key = jax.random.split(rng)
   logits_SBV = logits[:, -1].reshape(spec.num_streams, batch, -1)
   tokens_B, state = _step_token(logits_SBV, state, key, 0, lengths_B, knobs, spec, vocab)
@@ -168,7 +172,7 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, lengths_B, s
     tokens_SB = jnp.tile(c.tokens_B, spec.num_streams)[:, None]
     positions = (next_pos_SB + c.step - 1)[:, None]
     logits, cache = forward_cached(model, c.cache, tokens_SB, positions,
-                                   jnp.ones_like(tokens_SB), width + c.step - 1)
+                                   jnp.ones_like(tokens_SB), width + c.step - 1, layers)
     logits_SBV = logits[:, 0].reshape(spec.num_streams, batch, -1)
     tokens_B, state = _step_token(logits_SBV, c.state, key, c.step, lengths_B, knobs, spec,
                                   vocab)

@@ -1,0 +1,429 @@
+"""Decoding speed: the compiled JAX sampler against Hugging Face `OPTForCausalLM.generate`.
+
+    python experiments/bench/decode.py                 # bench preset, batch 1 and 8, +-CFG
+    python experiments/bench/decode.py --repeats 1     # quicker, noisier
+    python experiments/bench/decode.py --no-torch      # JAX only
+
+Task (issue 8): text-to-image, a 32-token prompt `<eos> caption <break>`, then one image of
+`tokens_per_image` tokens (1,024 for the `bench` preset) and its closing `<break>`: 1,025 new
+tokens per image. With CFG the unconditional prompt `<eos> <mask:0> <break>` runs as a second
+stream (JAX: both streams in one batch; HF: its `guidance_scale` logits processor, which runs
+the unconditional prompt through the model beside the conditional batch).
+
+Both sides: the same shape (d_model, layers, heads, ffn, vocab, ReLU, no biases, parameter-free
+LayerNorms, tied embeddings), float32, random weights, KV caches, the same number of new tokens
+(HF: min_new_tokens = max_new_tokens), ancestral sampling at temperature 1 with top-p 1 and no
+top-k. The JAX sampler also applies the modality constraints (image ids only, then `<break>`).
+
+Timing: medians of `--repeats` runs (fewer at batch >= 8, which take minutes on a 2-core CPU),
+JAX and torch runs interleaved so that other jobs on a shared machine slow both alike. The
+first (warm-up) call is excluded; its time is reported as the JAX compile time (the warm-up
+runs prefill only: its rows start finished, so the decode loop exits at once). tokens/s counts
+new tokens of the B prompts (not of the guidance streams); s/image = run time / B.
+
+Torch threads: `--torch-threads auto` (default) times a few decode steps with the machine's
+core count and with 1 thread and keeps the faster. On a loaded machine 2 OpenMP threads can be
+10x slower than 1 (threads spin on barriers while the other is descheduled); picking the
+faster makes the peer as fast as it can be here, so the ratio is conservative.
+
+On a GPU (`jax.default_backend() == 'gpu'`, or `--bandwidth` anywhere) it also times the
+`cm3leon_350m` preset (bf16 weights and cache) at batch 1 and compares the ms per token with
+the memory-bandwidth bound: (weight bytes + mean KV-cache bytes read per token) / bandwidth of
+the chip (table below; unknown chips print no bound). Target: >= 50% of the bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+if __name__ == "__main__" and "--jax-single-thread" in sys.argv:
+  # XLA reads its flags once, when the backend starts: set them before importing jax.
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_FLAGS}".strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from cm3leon_jax import configs  # noqa: E402
+from cm3leon_jax.configs.base import tokens_per_image  # noqa: E402
+from cm3leon_jax.decode import constraints as C  # noqa: E402
+from cm3leon_jax.decode import prompts as P  # noqa: E402
+from cm3leon_jax.decode.sampler import SamplerSpec, generate, make_knobs, pad_prompts  # noqa: E402
+from cm3leon_jax.model.decoder import Decoder, DecoderConfig, param_count  # noqa: E402
+from cm3leon_jax.tokenizers.vocab import Vocab  # noqa: E402
+
+TARGET_RATIO = 3.0
+TARGET_BOUND_FRACTION = 0.5
+# Peak HBM bandwidth in bytes/s by `device_kind` substring (first match wins; lower case).
+BANDWIDTH = (
+    ("h200", 4.8e12),
+    ("h100 nvl", 3.9e12),
+    ("h100 pcie", 2.0e12),
+    ("h100", 3.35e12),  # SXM, "NVIDIA H100 80GB HBM3"
+    ("gh200", 4.0e12),
+    ("a100-sxm4-80gb", 2.039e12),
+    ("a100 80gb pcie", 1.935e12),
+    ("a100", 1.555e12),
+    ("l40s", 0.864e12),
+    ("l4", 0.3e12),
+    ("tpu v5 lite", 0.819e12),
+    ("tpu v5e", 0.819e12),
+    ("tpu v5p", 2.765e12),
+    ("tpu v5", 2.765e12),
+    ("tpu v6", 1.64e12),
+    ("tpu v4", 1.228e12),
+)
+
+
+@dataclasses.dataclass
+class Row:
+  batch: int
+  guided: bool
+  new_tokens: int
+  jax_s: float
+  jax_cpu_s: float
+  jax_compile_s: float
+  torch_s: float | None = None
+  torch_cpu_s: float | None = None
+  torch_threads: int | None = None
+  tokens: np.ndarray | None = None  # the last JAX run's output [B, new_tokens]
+
+  @property
+  def jax_tok_s(self) -> float:
+    return self.batch * self.new_tokens / self.jax_s
+
+  @property
+  def torch_tok_s(self) -> float | None:
+    return None if self.torch_s is None else self.batch * self.new_tokens / self.torch_s
+
+  @property
+  def cpu_ratio(self) -> float | None:
+    """Ratio of tokens per CPU-second (both processes' own CPU time, all their threads)."""
+    return None if self.torch_cpu_s is None else self.torch_cpu_s / self.jax_cpu_s
+
+  @property
+  def ratio(self) -> float | None:
+    return None if self.torch_s is None else self.torch_s / self.jax_s
+
+
+def _seq_len_for(config, prompt_len: int, new_tokens: int) -> list[str]:
+  """The override that makes prompt + new tokens fit the model's window (multiple of 64)."""
+  need = prompt_len + new_tokens
+  if need <= config.model.seq_len:
+    return []
+  return [f"model.seq_len={64 * math.ceil(need / 64)}"]
+
+
+def load_config(preset: str, overrides: list[str], prompt_len: int):
+  config = configs.load(preset, overrides)
+  extra = _seq_len_for(config, prompt_len, tokens_per_image(config) + 1)
+  return (configs.load(preset, overrides + extra), extra) if extra else (config, extra)
+
+
+def make_prompts(vocab: Vocab, batch: int, prompt_len: int, seed: int = 0) -> list[P.Prompt]:
+  """`batch` text-to-image prompts of exactly `prompt_len` tokens (random caption ids)."""
+  rng = np.random.default_rng(seed)
+  return [P.text_to_image(vocab, rng.integers(0, vocab.text_size, prompt_len - 2))
+          for _ in range(batch)]
+
+
+class JaxRunner:
+  """One (batch, guided) shape of the compiled sampler: warm-up (compile) once, then runs."""
+
+  def __init__(self, model: Decoder, vocab: Vocab, prompts: list[P.Prompt], guided: bool,
+               n_image: int, cfg_weight: float):
+    self.model, self.vocab = model, vocab
+    self.streams = [[p.cond for p in prompts]] + ([[p.uncond for p in prompts]] if guided else [])
+    self.spec = SamplerSpec(num_streams=len(self.streams), max_new_tokens=n_image + 1,
+                            tokens_per_image=n_image, stop_after_image=True)
+    self.knobs = make_knobs(len(prompts), temperature=1.0, top_p=1.0, cfg_weight=cfg_weight)
+    padded = pad_prompts(self.streams, model.cfg.seq_len, self.spec.max_new_tokens)
+    batch = len(prompts)
+    stream0 = np.stack([np.roll(r, n) for r, n in zip(padded.ids[:batch], padded.lengths_B)])
+    self.state = C.initial_state(vocab, stream0, padded.lengths_B, n_image)
+    self.seed = 0
+
+  def compile(self) -> float:
+    """Trace + compile + one prefill: every row starts finished, so the loop exits at once."""
+    done = self.state._replace(done_B=jnp.ones_like(self.state.done_B))
+    start = time.perf_counter()
+    generate(self.model, self.vocab, self.streams, self.spec, self.knobs, jax.random.key(0),
+             state=done)
+    return time.perf_counter() - start
+
+  def run(self) -> tuple[float, np.ndarray]:
+    self.seed += 1
+    start, cpu = time.perf_counter(), time.process_time()
+    out, done = generate(self.model, self.vocab, self.streams, self.spec, self.knobs,
+                         jax.random.key(self.seed), state=self.state)
+    seconds = time.perf_counter() - start  # generate returns host arrays: the work is done
+    cpu = time.process_time() - cpu
+    if not done.all():
+      raise RuntimeError("the sampler stopped before closing every image")
+    return seconds, cpu, out
+
+
+class TorchRunner:
+  """Hugging Face OPTForCausalLM of the same shape, `generate` with its KV cache."""
+
+  def __init__(self, config, vocab: Vocab, prompts: list[P.Prompt], guided: bool,
+               new_tokens: int, cfg_weight: float, threads: str):
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    self.torch = torch
+    m = config.model
+    opt = OPTConfig(vocab_size=vocab.size, hidden_size=m.d_model, num_hidden_layers=m.num_layers,
+                    ffn_dim=m.d_ff, num_attention_heads=m.num_heads,
+                    max_position_embeddings=m.seq_len, word_embed_proj_dim=m.d_model,
+                    do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0,
+                    activation_function="relu", enable_bias=False,
+                    layer_norm_elementwise_affine=False, tie_word_embeddings=True,
+                    pad_token_id=vocab.pad_id, bos_token_id=vocab.eos_id,
+                    eos_token_id=vocab.eos_id)
+    torch.manual_seed(0)
+    self.model = OPTForCausalLM(opt).eval()
+    self.ids = torch.tensor(np.stack([p.cond for p in prompts]), dtype=torch.long)
+    self.kwargs = dict(attention_mask=torch.ones_like(self.ids), do_sample=True, temperature=1.0,
+                       top_p=1.0, top_k=0, use_cache=True, min_new_tokens=new_tokens,
+                       max_new_tokens=new_tokens, pad_token_id=vocab.pad_id)
+    if guided:
+      neg = torch.tensor(np.stack([p.uncond for p in prompts]), dtype=torch.long)
+      self.kwargs.update(guidance_scale=cfg_weight, negative_prompt_ids=neg,
+                         negative_prompt_attention_mask=torch.ones_like(neg))
+    self.new_tokens = new_tokens
+    self.threads = self._choose_threads(threads)
+    torch.set_num_threads(self.threads)
+
+  def _step_time(self, threads: int, steps: int = 8) -> float:
+    """Seconds per cached decode step (model only) with `threads` threads."""
+    torch = self.torch
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+      out = self.model(self.ids, use_cache=True)
+      token = self.ids[:, -1:]
+      out = self.model(token, cache=out.cache, use_cache=True)  # warm
+      start = time.perf_counter()
+      for _ in range(steps):
+        out = self.model(token, cache=out.cache, use_cache=True)
+      return (time.perf_counter() - start) / steps
+
+  def _choose_threads(self, threads: str) -> int:
+    cores = os.cpu_count() or 1
+    if threads != "auto":
+      return int(threads)
+    if cores == 1:
+      return 1
+    probes = {n: self._step_time(n) for n in (cores, 1)}
+    best = min(probes, key=probes.get)
+    print(f"  torch threads probe (batch {self.ids.shape[0]}): "
+          + ", ".join(f"{n} thread(s) {1e3 * t:.1f} ms/step" for n, t in probes.items())
+          + f" -> {best}", flush=True)
+    return best
+
+  def warm_up(self) -> None:
+    with self.torch.inference_mode():
+      self.model.generate(self.ids, **{**self.kwargs, "min_new_tokens": 4, "max_new_tokens": 4})
+
+  def run(self) -> float:
+    self.torch.set_num_threads(self.threads)
+    with self.torch.inference_mode():
+      start, cpu = time.perf_counter(), time.process_time()
+      out = self.model.generate(self.ids, **self.kwargs)
+      seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if out.shape[1] != self.ids.shape[1] + self.new_tokens:
+      raise RuntimeError(f"HF generate returned {out.shape[1] - self.ids.shape[1]} new tokens")
+    return seconds, cpu
+
+
+def _torch_available() -> bool:
+  try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def bench_row(config, model, vocab, batch, guided, args, use_torch) -> Row:
+  n_image = tokens_per_image(config)
+  prompts = make_prompts(vocab, batch, args.prompt_len)
+  label = f"batch {batch}, {'CFG' if guided else 'no CFG'}"
+  print(f"[{label}] compiling ...", flush=True)
+  jax_runner = JaxRunner(model, vocab, prompts, guided, n_image, args.cfg_weight)
+  compile_s = jax_runner.compile()
+  torch_runner = None
+  if use_torch:
+    torch_runner = TorchRunner(config, vocab, prompts, guided, n_image + 1, args.cfg_weight,
+                               args.torch_threads)
+    torch_runner.warm_up()
+  repeats = args.repeats if batch < 8 else min(args.repeats, args.repeats_large)
+  jax_times, jax_cpu, torch_times, torch_cpu, out = [], [], [], [], None
+  for r in range(repeats):  # interleaved: load changes hit both sides alike
+    seconds, cpu, out = jax_runner.run()
+    jax_times.append(seconds)
+    jax_cpu.append(cpu)
+    line = f"[{label}] repeat {r + 1}/{repeats}: jax {seconds:.2f} s ({cpu:.2f} CPU s)"
+    if torch_runner is not None:
+      seconds, cpu = torch_runner.run()
+      torch_times.append(seconds)
+      torch_cpu.append(cpu)
+      line += f", torch {seconds:.2f} s ({cpu:.2f} CPU s); load {os.getloadavg()[0]:.1f}"
+    print(line, flush=True)
+  median = lambda xs: statistics.median(xs) if xs else None
+  return Row(batch, guided, n_image + 1, median(jax_times), median(jax_cpu), compile_s,
+             median(torch_times), median(torch_cpu),
+             torch_runner.threads if torch_runner else None, out)
+
+
+def _fmt(x, spec: str) -> str:
+  return "-" if x is None else format(x, spec)
+
+
+def print_table(rows: list[Row]) -> None:
+  head = (f"{'batch':>5} {'CFG':>4} {'new tok':>7} | {'JAX tok/s':>9} {'s/image':>8} "
+          f"{'compile s':>9} | {'HF tok/s':>8} {'s/image':>8} {'threads':>7} | "
+          f"{'ratio':>6} {'target':>7} | {'CPU-s ratio':>11}")
+  print(head)
+  print("-" * len(head))
+  for r in rows:
+    met = None if r.ratio is None else ("met" if r.ratio >= TARGET_RATIO else "NOT met")
+    hf_img = None if r.torch_s is None else r.torch_s / r.batch
+    print(f"{r.batch:>5} {'yes' if r.guided else 'no':>4} {r.new_tokens:>7} | "
+          f"{r.jax_tok_s:>9.1f} {r.jax_s / r.batch:>8.2f} {r.jax_compile_s:>9.1f} | "
+          f"{_fmt(r.torch_tok_s, '>8.1f')} {_fmt(hf_img, '>8.2f')} "
+          f"{_fmt(r.torch_threads, '>7d')} | {_fmt(r.ratio, '>5.2f')}x {_fmt(met, '>7')} | "
+          f"{_fmt(r.cpu_ratio, '>10.2f')}x")
+
+
+def bandwidth_of(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  return next((bw for name, bw in BANDWIDTH if name in kind), None)
+
+
+def bandwidth_check(preset: str, overrides: list[str], args) -> dict:
+  """ms per token at batch 1 (no CFG) vs the memory-bandwidth bound."""
+  config, extra = load_config(preset, ["model.param_dtype=bfloat16", "model.dtype=bfloat16"]
+                              + overrides, args.prompt_len)
+  vocab = Vocab.from_config(config)
+  model = Decoder(DecoderConfig.from_config(config), rngs=nnx.Rngs(0))
+  n_image = tokens_per_image(config)
+  runner = JaxRunner(model, vocab, make_prompts(vocab, 1, args.prompt_len), False, n_image,
+                     args.cfg_weight)
+  compile_s = runner.compile()
+  seconds = statistics.median(runner.run()[0] for _ in range(args.repeats))
+  new = n_image + 1
+  cfg = model.cfg
+  item = jnp.dtype(cfg.param_dtype).itemsize
+  # Per token: every layer weight and the LM head (the tied embedding table) once; the token
+  # and position embeddings are one row each (ignored).
+  # (param_count(embeddings=False) holds an untied head; a tied one is the embedding table.)
+  head = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
+  weight_bytes = (param_count(cfg, embeddings=False) + head) * item
+  # KV cache: the slots written so far (mean over the image), keys and values, all layers.
+  slot_bytes = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  cache_bytes = (args.prompt_len + new / 2) * slot_bytes
+  device = jax.devices()[0]
+  bw = bandwidth_of(device.device_kind)
+  ms = 1e3 * seconds / new
+  bound_ms = None if bw is None else 1e3 * (weight_bytes + cache_bytes) / bw
+  result = dict(preset=preset, extra=extra, device=device.device_kind, compile_s=compile_s,
+                ms_per_token=ms, weight_mb=weight_bytes / 1e6, cache_mb=cache_bytes / 1e6,
+                bandwidth=bw, bound_ms=bound_ms,
+                fraction=None if bound_ms is None else bound_ms / ms)
+  print(f"\nBandwidth check: {preset} ({', '.join(extra) or 'no overrides'}; bf16 weights and "
+        f"cache), batch 1, {args.prompt_len}-token prompt + {new} new tokens, "
+        f"device {device.device_kind}")
+  print(f"  weights read per token {result['weight_mb']:.1f} MB, mean KV cache read "
+        f"{result['cache_mb']:.1f} MB; compile {compile_s:.1f} s")
+  if bound_ms is None:
+    print(f"  {ms:.3f} ms/token; bandwidth of '{device.device_kind}' unknown: no bound")
+  else:
+    frac = result["fraction"]
+    print(f"  {ms:.3f} ms/token vs bound {bound_ms:.3f} ms/token at {bw / 1e12:.2f} TB/s: "
+          f"{100 * frac:.0f}% of the bound (target >= {100 * TARGET_BOUND_FRACTION:.0f}%: "
+          f"{'met' if frac >= TARGET_BOUND_FRACTION else 'NOT met'})")
+  return result
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="bench", help="preset for the main table")
+  parser.add_argument("--override", action="append", default=[],
+                      help="config override a.b=value (repeatable)")
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+  parser.add_argument("--prompt-len", type=int, default=32)
+  parser.add_argument("--cfg-weight", type=float, default=3.0)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats-large", type=int, default=2,
+                      help="repeats at batch >= 8 (minutes per run on a 2-core CPU)")
+  parser.add_argument("--no-cfg", action="store_true", help="only the rows without guidance")
+  parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--torch-threads", default="auto", help="'auto' or a number")
+  parser.add_argument("--jax-single-thread", action="store_true",
+                      help="run XLA's CPU backend on one thread (only when run as a script)")
+  parser.add_argument("--bandwidth", action="store_true",
+                      help="run the bandwidth check even off GPU")
+  parser.add_argument("--bandwidth-config", default="cm3leon_350m")
+  parser.add_argument("--bandwidth-override", action="append", default=[])
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  config, extra = load_config(args.config, list(args.override), args.prompt_len)
+  vocab = Vocab.from_config(config)
+  use_torch = not args.no_torch and _torch_available()
+  m = config.model
+  load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+  xla_threads = ("1 thread" if SINGLE_THREAD_FLAGS in os.environ.get("XLA_FLAGS", "")
+                 else "default threads")
+  print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, load average {load}; "
+        f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}, "
+        f"XLA CPU {xla_threads})")
+  if args.jax_single_thread and xla_threads != "1 thread":
+    print("note: --jax-single-thread ignored: jax was imported before the flag could be set")
+  if use_torch:
+    import torch
+    import transformers
+    print(f"peer: torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"OPTForCausalLM.generate (threads: {args.torch_threads})")
+  elif not args.no_torch:
+    print("peer: torch/transformers not importable (pip install -r requirements-bench.txt)")
+  print(f"model: {args.config} ({', '.join(extra + list(args.override)) or 'no overrides'}): "
+        f"d={m.d_model}, {m.num_layers} layers, {m.num_heads} heads, ffn {m.d_ff}, vocab "
+        f"{vocab.size}, {m.dtype}; prompt {args.prompt_len} tokens + "
+        f"{tokens_per_image(config)} image tokens + <break>; sampling T=1, top-p 1; "
+        f"CFG weight {args.cfg_weight}")
+  model = Decoder(DecoderConfig.from_config(config), rngs=nnx.Rngs(0))
+  rows = []
+  for batch in args.batches:
+    for guided in ((False,) if args.no_cfg else (False, True)):
+      rows.append(bench_row(config, model, vocab, batch, guided, args, use_torch))
+  print()
+  print_table(rows)
+  if use_torch:
+    print(f"ratio = JAX tokens/s / HF tokens/s (wall clock; target >= {TARGET_RATIO:.0f}x at "
+          "every batch size). CPU-s ratio = the same per CPU-second each process used (all "
+          "its threads): the work each side does, less sensitive to other jobs on the machine.")
+  result = {"rows": rows, "vocab": vocab, "tokens_per_image": tokens_per_image(config)}
+  if jax.default_backend() in ("gpu", "tpu") or args.bandwidth:
+    result["bandwidth"] = bandwidth_check(args.bandwidth_config, list(args.bandwidth_override),
+                                          args)
+  return result
+
+
+if __name__ == "__main__":
+  main()
