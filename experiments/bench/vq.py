@@ -4,7 +4,7 @@ host uint8 in and out) at 64 px and 256 px over a batch sweep.
     python experiments/bench/vq.py                 # default sweep for the platform
     python experiments/bench/vq.py --batches 1 8 --sizes 64
 
-64 px: the quickstart VQ at 64 px (8x downsampling, an 8x8 grid). 256 px: the paper's
+64 px: the quickstart VQ at 64 px (4x downsampling, a 16x16 grid of 256 codes). 256 px: the paper's
 tokenizer (cm3leon_7b preset: 32x32 grid, 8192 codes). Weights are random: throughput does not
 depend on them. The same script runs unchanged on CPU, GPU or TPU (all local devices, batch
 split over the mesh's data axis); on CPU float32, on accelerators too (the VQ computes in f32).
@@ -24,7 +24,7 @@ from cm3leon_jax import configs
 from cm3leon_jax.tokenizers import vq
 
 PRESETS = {
-    64: ("quickstart", ["vq.image_size=64", "vq.downsample=8", "vq.channel_mult=(1,2,2,2)"]),
+    64: ("quickstart", ["vq.image_size=64"]),
     256: ("cm3leon_7b", []),
 }
 DEFAULT_BATCHES = {
