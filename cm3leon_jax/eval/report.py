@@ -118,8 +118,10 @@ def _infilling(m: dict) -> list[str]:
          f"{m['num_images']} eval images with an object in grid row {m['grid_row']}; code rows "
          f"{r0}..{r1 - 1} ({_pct(m['masked_fraction'])} of the image) are masked and regenerated "
          "through `<infill> <mask:0>` from the rest of the image and the caption. Analyzer "
-         "accuracy against the true scene; the band erased to the background is the floor, "
-         "the VQ reconstruction of the whole image the ceiling.", ""]
+         "accuracy against the true scene, beside two references: *band erased* = the original "
+         "pixels with the band painted over in the background colour (what infilling must add "
+         "to); *VQ reconstruction* = the whole image encoded and decoded, nothing masked (the "
+         "most infilling can reach through the VQ).", ""]
   out += _attribute_table({"infilled": m["accuracy"], "band erased": m["erased"],
                            "VQ reconstruction": m["reconstruction"]})
   return out
