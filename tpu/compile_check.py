@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -103,19 +104,29 @@ def compile_one(preset: str, topology: str, micro_batch: int, remat: str,
                                         sharding=batch_sharding)
                 for k, dtype in BATCH_DTYPES.items()}
   t = time.perf_counter()
-  with jax.set_mesh(mesh), compiling_for_tpu():
-    compiled = step.lower(ts.state, batch_spec).compile()
+  cfg = DecoderConfig.from_config(config)
+  analytic = flops.train_flops_per_step(cfg, batch) / mesh.devices.size
+  hbm = HBM_GIB.get(chip_of(topology), float("nan"))
+  try:
+    with jax.set_mesh(mesh), compiling_for_tpu():
+      compiled = step.lower(ts.state, batch_spec).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler itself refuses programs whose temporaries exceed HBM.
+    needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
+    return Result(preset, topology, mesh.devices.size, tuple(mesh.shape.values()), micro_batch,
+                  accum, remat, float(needed.group(1)) if needed else float("inf"), hbm,
+                  float("nan"), analytic / 1e12, time.perf_counter() - t)
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
   per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                 - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  cfg = DecoderConfig.from_config(config)
-  analytic = flops.train_flops_per_step(cfg, batch) / mesh.devices.size
   return Result(preset, topology, mesh.devices.size, tuple(mesh.shape.values()), micro_batch,
-                accum, remat, per_device / GIB, HBM_GIB.get(chip_of(topology), float("nan")),
-                float(cost.get("flops", 0.0)) / 1e12, analytic / 1e12, compile_s)
+                accum, remat, per_device / GIB, hbm, float(cost.get("flops", 0.0)) / 1e12,
+                analytic / 1e12, compile_s)
 
 
 def fit(preset: str, topology: str, plans=PLANS) -> Result:

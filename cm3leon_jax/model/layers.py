@@ -80,11 +80,11 @@ class KV(NamedTuple):
 def project_qkv(p: dict, x_BLD, dtype, qk_norm: bool, shard: Sharder):
   """Pre-LN and the q/k/v projections: [B, L, D] -> three [B, L, H, K]."""
   h_BLD = layer_norm(x_BLD)
-  qkv = []
-  for name in ("wq", "wk", "wv"):
-    y_BLHK = jnp.einsum("BLD,DHK->BLHK", h_BLD, p[name].astype(dtype))
-    qkv.append(shard(y_BLHK, ("batch", "length", "heads", "kv")))
-  q_BLHK, k_BLHK, v_BLHK = qkv
+  # One matmul for q, k and v (a wider GEMM runs closer to peak than three narrow ones).
+  w_D3HK = jnp.stack([p["wq"], p["wk"], p["wv"]], axis=1).astype(dtype)
+  y_3BLHK = jnp.einsum("BLD,DTHK->TBLHK", h_BLD, w_D3HK)
+  q_BLHK, k_BLHK, v_BLHK = (shard(y_3BLHK[i], ("batch", "length", "heads", "kv"))
+                            for i in range(3))
   if qk_norm:  # Chameleon's stabiliser; parameter-free like every norm here
     q_BLHK, k_BLHK = layer_norm(q_BLHK), layer_norm(k_BLHK)
   return q_BLHK, k_BLHK, v_BLHK
