@@ -10,7 +10,10 @@ devices, the abstract sharded train state (no parameters are allocated), and low
 compiles `make_train_step` (AdamW, gradient accumulation, splash attention as the real TPU
 kernel) with `jax.jit(...).lower(...).compile()`. It prints per-device memory from
 `memory_analysis()` against the chip's HBM, the compiled FLOPs per device from
-`cost_analysis()` next to the analytic model FLOPs, and the plan it chose.
+`cost_analysis()` next to the analytic model FLOPs of the whole step, and the plan it chose.
+XLA's cost analysis counts a loop body once: its number is one microbatch of one scanned layer
+plus the embedding / LM head / optimizer (the splash kernel, a custom call, counts 0), not
+the step; the analytic column is the whole step per device (flops.py).
 
 The plan: the paper's global batch (train.batch_size sequences of seq_len tokens) is kept; it
 is split into microbatches of `micro_batch` sequences per data x fsdp shard by gradient
@@ -141,8 +144,8 @@ def fit(preset: str, topology: str, plans=PLANS) -> Result:
 
 
 HEADER = ("| preset | topology | chips | mesh (data, fsdp, tensor) | micro-batch x accum | remat "
-          "| memory / device GiB | HBM GiB | fits | compiled TFLOP / device | analytic TFLOP / "
-          "device | compile s |")
+          "| memory / device GiB | HBM GiB | fits | XLA TFLOP / device (loop bodies once) "
+          "| analytic TFLOP / device / step | compile s |")
 
 
 def format_row(r: Result) -> str:

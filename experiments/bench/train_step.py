@@ -8,7 +8,8 @@ The `bench` preset: d=512, 8 layers, 8 heads of 64, d_ff 2048, seq 1024, batch 4
 The peer is OPT with the same shape and our choices: pre-LN, no biases, no LayerNorm
 parameters, ReLU, tied embeddings, no dropout, AdamW (0.9, 0.95, wd 0.1) with clip 1.0.
 Both run float32 on CPU (bf16 matmuls are slower than float32 on this kind of CPU,
-JAX_NOTES.md). The CPU's peak is measured here: a float32 2048^3 matmul, median of 5.
+JAX_NOTES.md). The CPU's peak is measured here: a float32 2048^3 matmul, median of 5, the
+faster of XLA's and PyTorch's (MKL) in each round.
 Rounds alternate JAX and PyTorch so a change in the machine's load hits both; medians are
 reported. MFU uses the analytic model FLOPs of cm3leon_jax/train/flops.py for both (causal
 attention counted as half of full attention).
@@ -88,8 +89,21 @@ def torch_runner(config):
       torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
       optim.step()
       times.append(time.perf_counter() - t)
-    return times, float(loss)
+    return times, float(loss.detach())
   return run, sum(p.numel() for p in model.parameters())
+
+
+def torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """The same 2048^3 float32 matmul through PyTorch (MKL): the peak is the faster of the two."""
+  import torch
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  torch.mm(a, b)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    torch.mm(a, b)
+    times.append(time.perf_counter() - t)
+  return 2.0 * n ** 3 / statistics.median(times)
 
 
 def cpu_table(args):
@@ -118,14 +132,16 @@ def cpu_table(args):
   losses = {}
   peaks = []
   for r in range(args.rounds):
-    peaks.append(flops.measure_matmul_peak.__wrapped__(2048, "float32", 5))
+    peaks.append(max(flops.measure_matmul_peak.__wrapped__(2048, "float32", 5),
+                     0.0 if args.skip_torch else torch_matmul_peak()))
     for name, run in runners.items():
       ts, losses[name] = run(args.steps)
       times[name] += ts
       print(f"round {r + 1}: {name}: median step {statistics.median(ts):.3f}s", flush=True)
   peak = statistics.median(peaks)
 
-  print(f"\nCPU float32 matmul peak (2048^3, median of {len(peaks)} rounds x 5): "
+  print(f"\nCPU float32 matmul peak (2048^3, faster of XLA and PyTorch, median of {len(peaks)} "
+        f"rounds x 5): "
         f"{peak / 1e9:.1f} GFLOP/s")
   header = f"| {'framework':<26} | step s (median) | tokens/s | GFLOP/s | MFU (% of peak) | loss |"
   print(header)

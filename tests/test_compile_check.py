@@ -1,0 +1,29 @@
+"""tpu/compile_check.py: the real train step of cm3leon_350m compiles ahead of time for a
+16-chip TPU v5e slice (libtpu's compiler on this CPU host) and fits the chip's 16 GiB."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_350m_train_step_compiles_for_v5e_and_fits_hbm():
+  pytest.importorskip("libtpu", reason="pip install libtpu (requirements-dev) for AOT compiles")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  out = subprocess.run(
+      [sys.executable, "tpu/compile_check.py", "--config", "cm3leon_350m", "--topology",
+       "v5e:4x4", "--micro-batch", "1", "--remat", "dots_saveable"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  rows = [line for line in out.stdout.splitlines() if line.startswith("| cm3leon_350m")]
+  cells = [c.strip() for c in rows[-1].strip("|").split("|")]
+  assert cells[1:5] == ["v5e:4x4", "16", "(1, 16, 1)", "1 x 128"]
+  memory, hbm, fits = float(cells[6]), float(cells[7]), cells[8]
+  assert 1.0 < memory < 0.9 * hbm and fits == "yes"
+  assert float(cells[9]) > 0  # XLA counted FLOPs
+  assert re.fullmatch(r"[\d.]+", cells[10])
