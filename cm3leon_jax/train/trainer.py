@@ -21,7 +21,6 @@ import time
 from typing import Iterator
 
 import jax
-import numpy as np
 import tqdm
 
 from cm3leon_jax.model.decoder import DecoderConfig
