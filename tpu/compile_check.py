@@ -52,7 +52,10 @@ GIB = 1024 ** 3
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 HBM_FRACTION = 0.9  # leave room for the runtime and fragmentation
 PRESETS = ("cm3leon_350m", "cm3leon_760m", "cm3leon_7b")
-DEFAULT_TOPOLOGIES = ("v5p:2x2x2", "v5e:4x4")
+# Two slices per preset; 7B's fp32 params + AdamW moments (84 GB) need 64 v5e chips.
+DEFAULT_TOPOLOGIES = {"cm3leon_350m": ("v5p:2x2x2", "v5e:4x4"),
+                      "cm3leon_760m": ("v5p:2x2x2", "v5e:4x4"),
+                      "cm3leon_7b": ("v5p:2x2x2", "v5e:8x8")}
 # Plans tried in order, fastest first: (microbatch sequences per batch shard, remat policy).
 PLANS = ((4, "dots_saveable"), (1, "dots_saveable"), (1, "nothing_saveable"))
 
@@ -159,7 +162,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", nargs="*", default=list(PRESETS))
-  p.add_argument("--topology", nargs="*", default=list(DEFAULT_TOPOLOGIES))
+  p.add_argument("--topology", nargs="*", default=None,
+                 help="TPU topologies, e.g. v5p:4x4x8 v5e:16x16 (default: two per preset)")
   p.add_argument("--micro-batch", type=int, default=None)
   p.add_argument("--remat", default=None, choices=("none", "dots_saveable", "nothing_saveable"))
   args = p.parse_args(argv)
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
   print("|" + "---|" * (HEADER.count("|") - 1))
   chosen = []
   for preset in args.config:
-    for topology in args.topology:
+    for topology in args.topology or DEFAULT_TOPOLOGIES.get(preset, ("v5p:2x2x2",)):
       chosen.append(fit(preset, topology, plans))
   print("\nchosen plans:")
   print(HEADER)
