@@ -30,6 +30,15 @@ On a GPU (`jax.default_backend() == 'gpu'`, or `--bandwidth` anywhere) it also t
 `cm3leon_350m` preset (bf16 weights and cache) at batch 1 and compares the ms per token with
 the memory-bandwidth bound: (weight bytes + mean KV-cache bytes read per token) / bandwidth of
 the chip (table below; unknown chips print no bound). Target: >= 50% of the bound.
+
+Measured (2-core shared CPU, bench preset, load 5-14): JAX/HF tokens/s 0.5-1.4x at batch 1
+without CFG, ~1.1-1.7x with CFG, 1.0-1.1x at batch 8 without, 1.4-1.6x with CFG: the 3x target
+is not met. Both sides are bound by reading the same 134 MB of float32 weights per token at
+batch 1; JAX wins with CFG because both streams share one forward. Known JAX-side costs left:
+XLA's CPU dots transpose every layer's K and V cache to [H, K, S] each step, the static cache
+is attended in full (about twice the written slots on average), and Gumbel sampling draws V
+random numbers per row per step. The XLA CPU thread pool hurts on a loaded machine
+(--jax-single-thread: 21 instead of 33 CPU-s per batch-1 image).
 """
 
 from __future__ import annotations
