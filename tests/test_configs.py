@@ -55,6 +55,8 @@ def test_overrides_are_parsed_to_the_field_type():
     ("model.num_layers", r"expected --config.<field>=<value>"),
     ("model.activation=tanh", r"model.activation='tanh': expected one of"),
     ("vq.image_size=30", r"not divisible by vq.downsample"),
+    ("vq.batch_size=0", r"vq.batch_size=0: must be >= 1"),
+    ("retrieval.steps=-1", r"retrieval.steps=-1: must be >= 1"),
 ])
 def test_bad_overrides_are_one_line_errors(override, message):
   with pytest.raises(InputError, match=message) as error:

@@ -137,7 +137,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise InputError(f"--config.vq.image_size={config.vq.image_size} is not divisible by "
                      f"vq.downsample={config.vq.downsample}")
   for path in ("model.num_layers", "model.d_model", "model.num_heads", "model.head_dim",
-               "model.seq_len", "train.batch_size", "train.grad_accum", "vq.codebook_size"):
+               "model.seq_len", "train.batch_size", "train.grad_accum", "train.steps",
+               "vq.codebook_size", "vq.batch_size", "vq.steps", "retrieval.batch_size",
+               "retrieval.steps", "retrieval.embed_dim", "decoding.max_text_tokens"):
     section, field = path.split(".")
     if config[section][field] < 1:
       raise InputError(f"--config.{path}={config[section][field]}: must be >= 1")
