@@ -14,6 +14,7 @@ document is fetched by `source[doc_id]` with no lookup table. Records are little
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -68,16 +69,30 @@ def read_meta(directory: str) -> dict:
     raise InputError(f"{path}: corrupt ({e.msg})") from None
 
 
+@contextlib.contextmanager
+def atomic_directory(directory: str):
+  """Yield a temp directory beside `directory`; on success it replaces `directory` (rename), on
+  any error it is removed, so readers never see a half-written directory."""
+  tmp = f"{directory.rstrip('/')}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(directory):
+    shutil.rmtree(directory)
+  os.replace(tmp, directory)
+
+
 def write_records(directory: str, records, meta: dict, records_per_shard: int = 100_000) -> int:
   """Write an iterable of encoded records + meta.json atomically (temp dir, then rename).
 
   Returns the number of records. An existing `directory` is replaced only on success.
   """
-  tmp = f"{directory.rstrip('/')}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
   count, shard, writer = 0, 0, None
-  try:
+  with atomic_directory(directory) as tmp:
     for record in records:
       if writer is None:
         writer = array_record_module.ArrayRecordWriter(
@@ -91,12 +106,6 @@ def write_records(directory: str, records, meta: dict, records_per_shard: int = 
       writer.close()
     with open(os.path.join(tmp, META), "w") as f:
       json.dump({**meta, "num_records": count}, f, indent=1)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if os.path.exists(directory):
-    shutil.rmtree(directory)
-  os.replace(tmp, directory)
   return count
 
 

@@ -20,10 +20,10 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 
+from cm3leon_jax.data.records import atomic_directory
 from cm3leon_jax.errors import InputError
 
 META = "index.json"
@@ -203,10 +203,7 @@ class Index:
   # --- persistence ------------------------------------------------------------------------
   def save(self, directory: str, embeddings_ND=None) -> None:
     """Write the index (and optionally the bank embeddings) atomically: temp dir, rename."""
-    tmp = f"{directory.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_directory(directory) as tmp:
       for i, searcher in enumerate(self._searchers):
         shard_dir = os.path.join(tmp, f"shard-{i:05d}")
         os.makedirs(shard_dir)
@@ -217,12 +214,6 @@ class Index:
                   settings=[dataclasses.asdict(s) for s in self.settings])
       with open(os.path.join(tmp, META), "w") as f:
         json.dump(meta, f, indent=1)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
 
   @classmethod
   def load(cls, directory: str) -> "Index":
