@@ -121,6 +121,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.activation = "relu"  # relu | gelu | swiglu
   c.model.tie_embeddings = True
   c.model.qk_norm = False
+  # Not in the paper: a learned embedding of each image token's raster index (0..N-1 inside its
+  # image), added to its token embedding. A tiny decoder trained for minutes cannot learn where
+  # in the image it is from absolute positions alone (the caption before it varies in length);
+  # the quickstart preset turns it on (issue 9 note).
+  c.model.image_positions = False
   c.model.z_loss = 0.0  # Chameleon used 1e-5
   c.model.init_std = 0.006
   c.model.pos_init_std = 0.0002

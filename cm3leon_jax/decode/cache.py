@@ -66,12 +66,15 @@ def layer_params(model: Decoder) -> list[dict]:
 
 def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positions_BT: jax.Array,
                    segment_ids_BT: jax.Array, start: jax.Array,
-                   layers: list[dict] | None = None) -> tuple[jax.Array, KVCache]:
+                   layers: list[dict] | None = None, image_index_BT: jax.Array | None = None
+                   ) -> tuple[jax.Array, KVCache]:
   """Run T new tokens (written to slots [start, start + T)) against the cache.
 
   Returns float32 logits [B, T, V] and the updated cache. T is the prompt width at prefill
   and 1 in the decode loop; `start` may be traced. `layers`: `layer_params(model)`, computed
-  here when not given.
+  here when not given. `image_index_BT`: the new tokens' image-position indices
+  (`Decoder.image_index` over the whole sequence so far); None computes them from these T
+  tokens alone, right at prefill when the prompt starts outside an image.
   """
   cfg = model.cfg
   dtype = jnp.dtype(cfg.dtype)
@@ -82,7 +85,7 @@ def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positio
   index_BT = jnp.where(segment_ids_BT > 0, slots_BT, EMPTY_INDEX)
   seg_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT, (0, start))
   index_BS = jax.lax.dynamic_update_slice(cache.index_BS, index_BT, (0, start))
-  x_BTD = model.embed_tokens(inputs_BT, positions_BT)
+  x_BTD = model.embed_tokens(inputs_BT, positions_BT, image_index_BT)
   kwargs = dict(dtype=dtype, activation=cfg.activation, attention_backend="xla",
                 shard=model.shard)
   new_k, new_v = [], []

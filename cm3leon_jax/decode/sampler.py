@@ -131,6 +131,7 @@ class _Carry(NamedTuple):
   state: C.ModalityState
   rng: jax.Array
   out_BT: jax.Array
+  image_index_SB: jax.Array  # image-position index of the last fed token (-1: not an image)
 
 
 def _step_token(logits_SBV, state, rng, step, prompts_len_B, knobs, spec, vocab):
@@ -162,6 +163,8 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, lengths_B, s
   tokens_B, state = _step_token(logits_SBV, state, key, 0, lengths_B, knobs, spec, vocab)
   out_BT = jnp.full((batch, spec.max_new_tokens), vocab.pad_id, jnp.int32).at[:, 0].set(tokens_B)
   next_pos_SB = prompt_pos[:, -1] + 1  # position of the first generated token, per row
+  image_index_SB = (model.image_index(prompt_ids)[:, -1] if model.cfg.tokens_per_image
+                    else jnp.full((rows,), -1, jnp.int32))
 
   def cond_fn(c: _Carry):
     return (c.step < spec.max_new_tokens) & ~jnp.all(c.state.done_B)
@@ -171,16 +174,20 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, lengths_B, s
     # Feed the last sampled token (number step-1) to every stream at slot width + step - 1.
     tokens_SB = jnp.tile(c.tokens_B, spec.num_streams)[:, None]
     positions = (next_pos_SB + c.step - 1)[:, None]
+    is_image_SB = (tokens_SB[:, 0] >= vocab.image_start) & (tokens_SB[:, 0] < vocab.image_end)
+    image_index_SB = jnp.where(is_image_SB, c.image_index_SB + 1, -1)
     logits, cache = forward_cached(model, c.cache, tokens_SB, positions,
-                                   jnp.ones_like(tokens_SB), width + c.step - 1, layers)
+                                   jnp.ones_like(tokens_SB), width + c.step - 1, layers,
+                                   image_index_SB[:, None])
     logits_SBV = logits[:, 0].reshape(spec.num_streams, batch, -1)
     tokens_B, state = _step_token(logits_SBV, c.state, key, c.step, lengths_B, knobs, spec,
                                   vocab)
     out_BT = c.out_BT.at[:, c.step].set(tokens_B)
-    return _Carry(c.step + 1, cache, tokens_B, state, rng, out_BT)
+    return _Carry(c.step + 1, cache, tokens_B, state, rng, out_BT, image_index_SB)
 
   final = jax.lax.while_loop(cond_fn, body_fn,
-                             _Carry(jnp.int32(1), cache, tokens_B, state, rng, out_BT))
+                             _Carry(jnp.int32(1), cache, tokens_B, state, rng, out_BT,
+                                    image_index_SB))
   return final.out_BT, final.state.done_B
 
 

@@ -59,6 +59,11 @@ class DecoderConfig:
   remat_policy: str = "none"
   attention: str = "xla"
   axis_rules: tuple = ()
+  # Image-position embeddings (`model.image_positions`): tokens_per_image > 0 adds a learned
+  # embedding of each image token's raster index to it; image ids are [image_start, image_end).
+  tokens_per_image: int = 0
+  image_start: int = 0
+  image_end: int = 0
 
   @classmethod
   def from_config(cls, config) -> "DecoderConfig":
@@ -76,13 +81,17 @@ class DecoderConfig:
     if m.attention not in BACKENDS:
       raise InputError(f"--config.model.attention={m.attention!r}: expected one of {BACKENDS}")
     from cm3leon_jax.train.mesh import axis_rules  # the one place rules are normalised
-    return cls(vocab_size=Vocab.from_config(config).size, num_layers=m.num_layers,
+    from cm3leon_jax.configs.base import tokens_per_image
+    vocab = Vocab.from_config(config)
+    image = dict(tokens_per_image=tokens_per_image(config), image_start=vocab.image_start,
+                 image_end=vocab.image_end) if m.image_positions else {}
+    return cls(vocab_size=vocab.size, num_layers=m.num_layers,
                d_model=m.d_model, num_heads=m.num_heads, head_dim=m.head_dim, d_ff=m.d_ff,
                seq_len=m.seq_len, activation=m.activation, tie_embeddings=m.tie_embeddings,
                qk_norm=m.qk_norm, init_std=m.init_std, pos_init_std=m.pos_init_std,
                dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
                remat_policy=m.remat_policy, attention=m.attention,
-               axis_rules=axis_rules(config))
+               axis_rules=axis_rules(config), **image)
 
   def layer_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """Stacked parameter name -> (shape, logical axes), 'layers' first."""
@@ -127,6 +136,9 @@ class Decoder(nnx.Module):
                         dtype)
     self.pos_embed = _param(rngs, (cfg.seq_len, cfg.d_model), ("length", "embed"),
                             cfg.pos_init_std, dtype)
+    if cfg.tokens_per_image:
+      self.image_pos_embed = _param(rngs, (cfg.tokens_per_image, cfg.d_model), (None, "embed"),
+                                    cfg.pos_init_std, dtype)
     self.layers = StackedLayers(cfg, rngs)
     if not cfg.tie_embeddings:
       self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0.0, dtype)
@@ -135,14 +147,36 @@ class Decoder(nnx.Module):
   def shard(self) -> L.Sharder:
     return L.Sharder(self.cfg.axis_rules)
 
-  def embed_tokens(self, inputs_BL, positions_BL):
-    """Token + position embeddings -> x_BLD in the compute dtype."""
+  def image_index(self, inputs_BL):
+    """[B, L] int32: each image token's index inside its run of image tokens, -1 elsewhere.
+
+    A run starts after any non-image token (`<break>` opening an image, or the `<mask:k>` of a
+    CM3 span), so whole images count 0..N-1 in raster order."""
+    cfg = self.cfg
+    is_image = (inputs_BL >= cfg.image_start) & (inputs_BL < cfg.image_end)
+    count_BL = jnp.cumsum(is_image, axis=1, dtype=jnp.int32)
+    last_other_BL = jax.lax.cummax(jnp.where(is_image, 0, count_BL), axis=1)
+    return jnp.where(is_image, count_BL - last_other_BL - 1, -1)
+
+  def embed_tokens(self, inputs_BL, positions_BL, image_index_BL=None):
+    """Token + position (+ image-position) embeddings -> x_BLD in the compute dtype.
+
+    image_index_BL: `image_index(inputs_BL)` of these tokens; computed here when None (a full
+    sequence), given by the sampler when decoding one token at a time."""
     # Gather the embedding dimension first (as FSDP does for every weight) but keep the vocab
     # split: without this, GSPMD replicates the whole lookup ("involuntary full remat").
     table = self.shard(self.embed[...], ("vocab", None))
     pos = self.shard(self.pos_embed[...], (None, None))
     x_BLD = jnp.take(table, inputs_BL, axis=0)
     x_BLD = x_BLD + jnp.take(pos, positions_BL, axis=0)
+    if self.cfg.tokens_per_image:
+      if image_index_BL is None:
+        image_index_BL = self.image_index(inputs_BL)
+      table = self.shard(self.image_pos_embed[...], (None, None))
+      # A run longer than an image (never in well-formed documents) reuses the last row.
+      rows_BLD = jnp.take(table, jnp.clip(image_index_BL, 0, self.cfg.tokens_per_image - 1),
+                          axis=0)
+      x_BLD = x_BLD + jnp.where((image_index_BL >= 0)[..., None], rows_BLD, 0)
     return self.shard(x_BLD.astype(self.cfg.dtype), ("batch", "length", None))
 
   def logits(self, x_BLD):
@@ -193,5 +227,5 @@ def param_count(cfg: DecoderConfig, embeddings: bool = True) -> int:
   if not cfg.tie_embeddings:
     n += cfg.d_model * cfg.vocab_size
   if embeddings:
-    n += cfg.vocab_size * cfg.d_model + cfg.seq_len * cfg.d_model
+    n += (cfg.vocab_size + cfg.seq_len + cfg.tokens_per_image) * cfg.d_model
   return n
