@@ -85,11 +85,22 @@ def test_markdown_tables_show_accuracy_beside_chance_and_the_wall_times():
   md = report.markdown(_metrics(), {"data": 10.0, "decoder": 30.0,
                                     report.QUICKSTART_EVAL_STAGE: 99.0})
   assert "| **all** | 75.0% | 75.0% | 0.1% |" in md
+  assert "seen pairs" not in md  # no such row in these metrics
   assert "| colour | 100.0% | 100.0% | 12.5% |" in md
   assert "| best of pool | 4 | 1.50 | 0.25 |" in md
   assert "| quickstart: data | 10.0 |" in md
   assert report.QUICKSTART_EVAL_STAGE not in md  # replaced by the eval's own stages
   assert "| **total** | **42.0** |" in md
+
+
+def test_seen_pairs_columns_sit_between_the_heldout_ones_and_chance():
+  metrics = _metrics()
+  seen = {"all": 0.5, "colour": 1.0, "shape": 0.5, "size": 1.0, "position": 0.75, "count": 1.0}
+  metrics["text_to_image"]["seen_pairs"] = {"split": "eval", "num_prompts": 4, "accuracy": seen,
+                                            "accuracy_candidates": seen}
+  md = report.markdown(metrics)
+  assert "| **all** | 75.0% | 75.0% | 50.0% | 50.0% | 0.1% |" in md
+  assert "75.0% on unseen colour-shape pairs, 50.0% on unseen scenes of seen pairs" in md
 
 
 def test_write_is_complete_and_leaves_no_temp_files(tmp_path):

@@ -83,6 +83,9 @@ def test_quickstart_suite_end_to_end_on_a_tiny_random_stack(tmp_path):
   heldout = [r for r in records["heldout"] if len(r["scene"].objects) == 1]
   assert t2i["prompts"] == [r["text"] for r in heldout[:4]]
   assert t2i["chance"]["all"] == pytest.approx(1 / 720)
+  # The seen-pairs row: as many single-object prompts from the eval split.
+  assert t2i["seen_pairs"]["split"] == "eval" and t2i["seen_pairs"]["num_prompts"] == 4
+  assert set(t2i["seen_pairs"]["accuracy"]) == set(t2i["accuracy"])
   for scores in (t2i["accuracy"], metrics["captioning"]["recall"],
                  metrics["infilling"]["accuracy"]):
     assert set(scores) == {"colour", "shape", "size", "position", "count", "all"}

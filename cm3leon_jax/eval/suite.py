@@ -5,7 +5,8 @@
 
 Stages (each reads its counts from `config.eval`):
 - text_to_image: held-out single-object prompts (the `heldout` split: colour-shape pairs never
-  seen in training), `num_candidates` samples each with the config's decoding (retrieval, CFG,
+  seen in training; and as many from the `eval` split: unseen scenes of seen colour-shape
+  pairs), `num_candidates` samples each with the config's decoding (retrieval, CFG,
   pool, re-ranking), scored by the analyzer against the prompt's scene; the random-chance
   baseline beside it; CLIP score; Fréchet distance of the images against real held-out images,
   with the real-vs-real distance of as many images beside it (the floor at that sample size).
@@ -116,6 +117,19 @@ def text_to_image(config, generator, embedder, records: Records) -> tuple[dict, 
   # Floors: the prompts' own renders (for the best images); those plus further real images
   # (for all candidates), when the split has as many as there are candidates.
   floor_all = prompts_r + extra if len(prompts_r) + len(extra) == len(flat) else []
+  # The same prompts' kind from the `eval` split: unseen scenes whose colour-shape pairs do
+  # occur in training. Separates "draws what it was taught" from compositional generalisation.
+  seen_r = _take(records("eval"), single, n_prompts)
+  if seen_r:
+    seen = generator.text_to_image([r["text"] for r in seen_r], num_candidates=n_cand,
+                                   num_retrieved=num_retrieved, seed=int(e.seed))
+    seen_flat = seen.candidates_BNHWC.reshape(-1, *seen.candidates_BNHWC.shape[2:])
+    seen_scenes = [r["scene"] for r in seen_r]
+    out["seen_pairs"] = {
+        "split": "eval", "num_prompts": len(seen_r),
+        "accuracy": attributes.image_accuracy(seen.images_BHWC, seen_scenes),
+        "accuracy_candidates": attributes.image_accuracy(
+            seen_flat, [s for s in seen_scenes for _ in range(n_cand)])}
   out["fid"] = {
       "features": config.eval.fid_features, "num_real": len(real_ref),
       "best": _fid_row(extract, best, _images(prompts_r), real_features),
