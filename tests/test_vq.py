@@ -56,6 +56,25 @@ def test_channel_mult_must_match_downsample():
     vq.VQModel(c, rngs=nnx.Rngs(0))
 
 
+def _is_affine(fn, a, b):
+  """fn(a) + fn(b) == fn(a + b) + fn(0): true of any affine map, false of a nonlinear one."""
+  lhs, rhs = fn(a) + fn(b), fn(a + b) + fn(jnp.zeros_like(a))
+  return bool(jnp.allclose(lhs, rhs, atol=1e-4 * float(jnp.max(jnp.abs(lhs)))))
+
+
+@pytest.mark.parametrize("num_res_blocks", [0, 1])
+def test_levels_are_nonlinear_with_or_without_res_blocks(num_res_blocks):
+  # Without res blocks the resampling convs alone would make each side one affine map.
+  c = configs.load("quickstart", [f"vq.num_res_blocks={num_res_blocks}"]).vq
+  model = vq.VQModel(c, rngs=nnx.Rngs(0))
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  S, g = c.image_size, vq.grid_size(c)
+  x1, x2 = (jax.random.uniform(k, (1, S, S, 3), minval=-1, maxval=1) for k in (k1, k2))
+  z1, z2 = (jax.random.normal(k, (1, g, g, c.code_dim)) for k in (k3, k4))
+  assert not _is_affine(model.encoder.features, x1, x2)
+  assert not _is_affine(model.decoder.features, z1, z2)
+
+
 def test_cosine_lookup_ignores_code_norms():
   # Euclidean: z=(1, .2) is nearer to the short code (.1, .1); by angle it is nearer (10, 0).
   codebook = jnp.array([[10.0, 0.0], [0.1, 0.1]])
@@ -96,6 +115,18 @@ def test_dead_codes_restart_on_the_worst_fit_encoder_output():
   np.testing.assert_allclose(new_codebook[3], [0.5, 0.5, 0.5, 0.5])
   np.testing.assert_allclose(new_codebook[:3], codebook[:3])  # live codes untouched
   assert float(new_usage[3]) == pytest.approx(1 / K)
+
+
+def test_restarts_draw_encoder_outputs_in_proportion_to_their_error():
+  K = 4000  # all dead but code 0 (this batch's only assignment): codes 1.. are redrawn
+  z = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  err = jnp.array([1.0, 3.0, 0.0])
+  new_codebook, _, restarted = _restart(jnp.zeros((K, 2)), jnp.zeros((K,)), z, err,
+                                        jnp.zeros((3,), jnp.int32), jax.random.key(0), 0.1)
+  assert int(restarted) == K - 1
+  picked_row1 = float(jnp.mean(new_codebook[1:, 1] == 1.0))
+  assert picked_row1 == pytest.approx(0.75, abs=0.03)  # 3 / (1 + 3)
+  assert not bool(jnp.any(jnp.all(new_codebook == 1.0, axis=1)))  # zero error: never drawn
 
 
 def test_live_codes_are_not_restarted():

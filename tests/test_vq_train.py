@@ -146,3 +146,15 @@ def test_batch_must_divide_over_the_mesh(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(InputError, match="run `cm3leon train-vq` first"):
     vq.ImageTokenizer.load(_config(), str(tmp_path))
+
+
+def test_analyzer_scores_catch_a_lost_background():
+  from cm3leon_jax.data import shapes
+  scenes = [shapes.scene_at(0, i) for i in range(4)]
+  originals = np.stack([shapes.render(s, 32) for s in scenes])
+  assert {s.background for s in scenes} != {"grey"}
+  greyed = np.stack([shapes.render(shapes.Scene(s.objects, "grey"), 32) for s in scenes])
+  scores = vq_train.analyzer_scores(originals, greyed)
+  assert scores["analyzer_all"] == 1.0  # every object survives
+  assert scores["analyzer_background"] == np.mean([s.background == "grey" for s in scenes])
+  assert vq_train.analyzer_scores(originals, originals)["analyzer_background"] == 1.0

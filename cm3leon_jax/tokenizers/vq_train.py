@@ -175,11 +175,17 @@ def analyzer_scores(originals: np.ndarray, recons: np.ndarray) -> dict:
   """Shapes analyzer accuracy of reconstructions against the scene parsed from the original.
 
   The analyzer recovers every attribute of clean renders (issue 3), so the parse of the
-  original is the scene's ground truth.
+  original is the scene's ground truth. score_scene checks objects only; analyzer_background is
+  the share whose nearest named background survives (captions name it, and an over-high
+  learning rate kept the objects but washed every background to one grey, issue 4).
   """
   from cm3leon_jax.data import analyzer
-  scores = [analyzer.score_scene(r, analyzer.parse_scene(o)) for o, r in zip(originals, recons)]
-  return {f"analyzer_{k}": float(v) for k, v in analyzer.mean_scores(scores).items()}
+  truths = [analyzer.parse_scene(o) for o in originals]
+  scores = [analyzer.score_scene(r, t) for r, t in zip(recons, truths)]
+  out = {f"analyzer_{k}": float(v) for k, v in analyzer.mean_scores(scores).items()}
+  out["analyzer_background"] = float(np.mean(
+      [analyzer.parse_scene(r).background == t.background for r, t in zip(recons, truths)]))
+  return out
 
 
 def save_grid(path: str, originals: np.ndarray, recons: np.ndarray, count: int = 16) -> None:
