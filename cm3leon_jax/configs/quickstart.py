@@ -66,7 +66,7 @@ def get_config(arg=None):
   c.train.eval_every = 400
   c.train.checkpoint_every = 400
   c.decoding.max_text_tokens = 32
-  # Measured at decoder step 1000 (top-p pool, CFG 3): temperature 0.6 put exactly one object in
-  # 66% of the images and the right colour in 93%; temperature 1.0 gave 34% and 88% (mixed pool).
+  # Measured at decoder step 750 (top-p pool, CFG 3, 128 samples): temperature 0.6 put exactly
+  # one object in 84% of the images and the right colour in 80%; temperature 1.0: 70% and 73%.
   c.decoding.temperature = 0.6
   return c
