@@ -187,7 +187,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_infill = 32  # eval images infilled
   c.eval.infill_row = 1  # the 3x3 grid row whose band of code rows is masked (1 = middle)
   c.eval.num_fid_real = 300  # real held-out single-object images FID compares against
-  c.eval.fid_features = "encoder"  # encoder (dual encoder image tower) | pixels
+  c.eval.fid_features = "encoder"  # encoder (dual encoder image tower) | pixels | inception
+  # The .npz of Inception-v3 weights that fid_features="inception" needs ("" = none): nothing
+  # downloads them; `python -m experiments.convert_inception` makes it from pytorch-fid's
+  # pt_inception-2015-12-05-*.pth (the FID network's weights) or a torchvision state dict.
+  c.eval.inception_weights = ""
   c.eval.seed = 0
   return c
 
