@@ -74,3 +74,18 @@ def test_vqa_accuracy_single_reference_is_exact_match():
   assert vqa_accuracy("Two.", ["2"]) == 1.0
   assert vqa_accuracy("three", ["2"]) == 0.0
   assert mean_vqa_accuracy(["red", "blue"], [["red"], ["green"]]) == pytest.approx(50.0)
+
+
+def test_fid_with_fewer_images_than_dimensions_equals_the_full_covariance_formula():
+  # 12 and 30 vectors in 64-d: rank-deficient covariances take the small N x N path in fid();
+  # frechet_distance works on the full 64 x 64 covariances; scipy's sqrtm is the reference.
+  import scipy.linalg
+  from cm3leon_jax.eval.fid import feature_stats
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(12, 64)), rng.normal(loc=0.3, size=(30, 64))
+  (mu_a, s_a), (mu_b, s_b) = feature_stats(a), feature_stats(b)
+  reference = ((mu_a - mu_b) @ (mu_a - mu_b) + np.trace(s_a) + np.trace(s_b)
+               - 2 * np.trace(np.real(scipy.linalg.sqrtm(s_a @ s_b))))
+  assert fid(a, b) == pytest.approx(reference, rel=1e-6)
+  assert fid(b, a) == pytest.approx(reference, rel=1e-6)
+  assert frechet_distance(mu_a, s_a, mu_b, s_b) == pytest.approx(reference, rel=1e-6)
