@@ -45,7 +45,7 @@ def test_pixel_fid_of_a_set_with_itself_is_zero():
 
 def test_feature_extractor_choices():
   config = configs.load("tiny", ["eval.fid_features=inception"])
-  with pytest.raises(InputError, match="fid_features='inception'"):
+  with pytest.raises(InputError, match="eval.inception_weights"):  # unset: no weights file
     features.feature_extractor(config)
   with pytest.raises(InputError, match="needs the trained dual encoder"):
     features.feature_extractor(configs.load("tiny"), embedder=None)
