@@ -80,8 +80,9 @@ class ResBlock(nnx.Module):
 
 def _resampled(h, num_res_blocks: int):
   """Output of a resampling conv. Without res blocks a swish follows it: otherwise the levels are
-  a chain of linear convs, one affine map (the 32 px quickstart VQ went from 88% to 95% analyzer
-  all-correct with it, issue 4); with res blocks (VQGAN) the next block's norm-swish does it."""
+  a chain of linear convs, one affine map (with it the 32 px quickstart VQ at lr 6e-3 went from
+  88% to 95% analyzer all-correct, issue 4). With res blocks the next block's norm-swish does it
+  (VQGAN's layout)."""
   return nnx.swish(h) if num_res_blocks == 0 else h
 
 
