@@ -2,6 +2,14 @@
 
     python experiments/bench/retrieval.py                       # synthetic 100k and 1M x 128
     python experiments/bench/retrieval.py --embeddings outputs/quickstart/index/embeddings.npy
+    python experiments/bench/retrieval.py --sizes "" --encoder-docs 100000,1000000
+
+`--encoder-docs N` benchmarks the project's own dual encoder's document embeddings of N
+rendered Shapes scenes (dim `--encoder-dim`, 128), held-out queries from the eval split
+(experiments/bench/encoder_docs.py: trains the encoder in `--encoder-workdir` once, caches the
+embeddings there). Shapes scenes repeat, so these banks hold many near-duplicates: the run
+prints the distinct scenes among N and how many bank documents tie with each query's 10th
+exact score.
 
 One run, same data for every method: build time, queries/s and recall@10 against exact
 search. Queries are held out from the bank (same distribution). Recall counts a returned id as
@@ -27,6 +35,9 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from cm3leon_jax.retrieval.index import Settings, _build_searcher  # noqa: E402
 
 K = 10
+# Leaves (ScaNN) and lists (FAISS IVF) searched, as fractions of sqrt(N): ~5% reaches recall
+# 0.95 on the clustered synthetic data; the encoder's Shapes embeddings need 0.5-2%.
+FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1)
 
 
 def clustered(n, d, clusters, seed):
@@ -51,6 +62,15 @@ def recall_at_k(ids, exact_scores, bank, queries):
   return hits / (len(queries) * K)
 
 
+def tie_counts(bank, queries, kth_scores, block=100):
+  """Per query, how many bank documents score >= its exact 10th score (10 without ties)."""
+  out = np.empty(len(queries), np.int64)
+  for s in range(0, len(queries), block):  # [block, N] scores at a time: bounded memory at 1M
+    scores = queries[s:s + block] @ bank.T
+    out[s:s + block] = np.sum(scores >= kth_scores[s:s + block, None] - 1e-5, axis=1)
+  return out
+
+
 def exact_jax(bank):
   """Exact top-k scores: a jitted float32 matmul + lax.top_k per block of 250 queries."""
   import jax
@@ -72,7 +92,7 @@ def timed(fn, repeats=1):
   return out, best
 
 
-def bench_one(name, bank, queries, hnsw: bool, rows):
+def bench_one(name, bank, queries, hnsw: bool, rows, report_ties: bool = False):
   n, d = bank.shape
   nq = len(queries)
   exact = exact_jax(bank)
@@ -80,12 +100,17 @@ def bench_one(name, bank, queries, hnsw: bool, rows):
   del exact
   exact_qps = nq / t
   rows.append((name, "exact (JAX f32 matmul + top_k)", "-", 0.0, exact_qps, 1.0))
+  if report_ties:
+    ties = tie_counts(bank, queries, exact_scores[:, K - 1])
+    print(f"{name}: bank documents scoring >= a query's exact {K}th score: median "
+          f"{np.median(ties):.0f}, mean {ties.mean():.1f}, max {ties.max()}; queries with "
+          f"ties at the {K}th: {np.mean(ties > K):.1%}", flush=True)
 
   # ScaNN: tree (sqrt N leaves) + anisotropic hashing + exact reorder (index.py's builder).
   leaves = int(round(math.sqrt(n)))
   settings = Settings(False, leaves, max(1, leaves // 20), 100, min(n, 250_000))
   searcher, build = timed(lambda: _build_searcher(bank, settings, K))
-  for frac in (0.02, 0.05, 0.1):
+  for frac in FRACTIONS:
     for reorder in (50, 100):
       ls = max(1, int(round(leaves * frac)))
       (ids, _), t = timed(lambda: searcher.search_batched_parallel(
@@ -107,7 +132,7 @@ def bench_one(name, bank, queries, hnsw: bool, rows):
     index.add(bank)
     return index, ivf
   (index, ivf), build = timed(build_ivfpq)
-  for frac in (0.02, 0.05, 0.1):
+  for frac in FRACTIONS:
     ivf.nprobe = max(1, int(round(nlist * frac)))
     for refine in (5, 10):
       index.k_factor = refine
@@ -124,7 +149,7 @@ def bench_one(name, bank, queries, hnsw: bool, rows):
       index.add(bank)
       return index
     index, build = timed(build_hnsw)
-    for ef in (16, 32, 64, 128):
+    for ef in (10, 12, 16, 32, 64, 128):
       index.hnsw.efSearch = ef
       (_, ids), t = timed(lambda: index.search(queries, K), repeats=3)
       rows.append((name, "FAISS HNSW (M=16)", f"efSearch {ef}", build, nq / t,
@@ -141,6 +166,15 @@ def main(argv=None):
                  help="also benchmark these [N, D] document embeddings (e.g. <index>/embeddings.npy)")
   p.add_argument("--no-hnsw-above", type=int, default=1_000_000,
                  help="skip HNSW (slow to build on 2 cores) for banks larger than this")
+  p.add_argument("--encoder-docs", default="",
+                 help="comma-separated bank sizes of Shapes-scene embeddings from the project's "
+                      "dual encoder (experiments/bench/encoder_docs.py)")
+  p.add_argument("--encoder-workdir", default="outputs/bench/retrieval_encoder128",
+                 help="pipeline workdir holding (or getting) the encoder and the cached "
+                      "embeddings")
+  p.add_argument("--encoder-dim", type=int, default=128, help="the encoder's embed_dim")
+  p.add_argument("--encoder-preset", default="quickstart",
+                 help="config preset of the encoder's pipeline (data, tokenizer, encoder shape)")
   args = p.parse_args(argv)
   rows = []
   for n in [int(s) for s in args.sizes.split(",") if s]:
@@ -156,6 +190,18 @@ def main(argv=None):
     perm = rng.permutation(len(x))
     queries, bank = x[perm[:args.queries]], x[perm[args.queries:]]
     bench_one(f"encoder {len(bank) // 1000}k x {x.shape[1]}", bank, queries, True, rows)
+  for n in [int(s) for s in args.encoder_docs.split(",") if s]:
+    from experiments.bench import encoder_docs
+
+    bank, queries, stats = encoder_docs.embeddings(args.encoder_workdir, n, args.queries,
+                                                   args.encoder_dim, args.encoder_preset)
+    name = f"encoder Shapes {n // 1000}k x {bank.shape[1]}"
+    print(f"{name}: {stats['distinct_scenes']:,} distinct scenes among {n:,} documents; "
+          f"{stats['queries_in_bank']} of {len(queries)} query scenes also occur in the bank",
+          flush=True)
+    bench_one(name, bank, queries, n <= args.no_hnsw_above, rows, report_ties=True)
+    print_rows(rows[-1:], header=False, flush=True)
+    del bank, queries
   print()
   print_rows(rows)
   summary(rows)
