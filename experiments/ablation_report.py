@@ -108,6 +108,19 @@ def _errorbar(ax, xs, spreads: Sequence[Spread], label: str, marker: str = "o"):
   ax.errorbar(xs, ys, yerr=errs, label=label, marker=marker, capsize=3)
 
 
+def _finish(plt, fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
+  """Labels, a zero floor, legend and grid, then the PNG; the figure is closed."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.set_ylim(bottom=0)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_cfg(path: str, weights: Sequence[float], series: dict[str, Sequence[Spread]],
              chance: float | None = None) -> None:
   """Accuracy (mean ± std over sampling seeds) against the CFG weight, one line per metric."""
@@ -117,15 +130,8 @@ def plot_cfg(path: str, weights: Sequence[float], series: dict[str, Sequence[Spr
     _errorbar(ax, weights, spreads, label)
   if chance is not None:
     ax.axhline(100.0 * chance, color="grey", ls=":", label="chance (all attributes)")
-  ax.set_xlabel("CFG weight (1 = no guidance)")
-  ax.set_ylabel("accuracy (%)")
-  ax.set_title("Text-to-image accuracy vs CFG weight")
-  ax.set_ylim(bottom=0)
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _finish(plt, fig, ax, path, "CFG weight (1 = no guidance)", "accuracy (%)",
+          "Text-to-image accuracy vs CFG weight")
 
 
 def plot_pools(path: str, sizes: Sequence[int], series: dict[str, Sequence[Spread]],
@@ -137,15 +143,8 @@ def plot_pools(path: str, sizes: Sequence[int], series: dict[str, Sequence[Sprea
     _errorbar(ax, sizes, spreads, label, marker)
   ax.set_xscale("log", base=2)
   ax.set_xticks(list(sizes), [str(s) for s in sizes])
-  ax.set_xlabel("candidates per prompt (best re-ranked by the dual encoder)")
-  ax.set_ylabel(ylabel)
-  ax.set_title("Text-to-image accuracy vs pool size")
-  ax.set_ylim(bottom=0)
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _finish(plt, fig, ax, path, "candidates per prompt (best re-ranked by the dual encoder)",
+          ylabel, "Text-to-image accuracy vs pool size")
 
 
 # --- the report ------------------------------------------------------------------------------
