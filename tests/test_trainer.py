@@ -20,14 +20,15 @@ OVERRIDES = ["--config.data.num_workers=0", "--config.train.steps=4",
              "--config.model.num_layers=1", "--config.model.seq_len=64"]
 
 
-def write_project_data(workdir: str) -> None:
+def write_project_data(workdir: str, eval_split: bool = False) -> None:
   """What `cm3leon encode` and `cm3leon retrieve` leave in a workdir (random contents)."""
   config = configs.load("tiny", [o[len("--config."):] for o in OVERRIDES])
   vocab, rng = Vocab.from_config(config), np.random.default_rng(0)
-  docs = synthetic.random_documents(vocab, 40, tokens_per_image(config), rng, max_text=12)
   paths = artifacts(configs.load("tiny", [f"workdir={workdir}"]))
-  synthetic.write_token_documents(paths.tokens, vocab, docs)
-  synthetic.write_neighbours(paths.neighbours, synthetic.random_neighbours(40, 4, rng))
+  for suffix in ("", "-eval") if eval_split else ("",):
+    docs = synthetic.random_documents(vocab, 40, tokens_per_image(config), rng, max_text=12)
+    synthetic.write_token_documents(paths.tokens + suffix, vocab, docs)
+    synthetic.write_neighbours(paths.neighbours + suffix, synthetic.random_neighbours(40, 4, rng))
 
 
 def train(workdir, *extra):
@@ -83,3 +84,21 @@ def test_missing_data_is_an_input_error(tmp_path, capsys):
 def test_multi_process_flags_must_come_together(tmp_path, capsys):
   assert train(tmp_path, "--num-processes", "2") == 2
   assert "--process-id" in capsys.readouterr().err
+
+
+def test_held_out_loss_is_logged_every_eval_every_steps_and_at_the_end(tmp_path):
+  write_project_data(str(tmp_path), eval_split=True)
+  assert train(tmp_path, "--config.train.eval_every=3", "--config.train.eval_batches=2") == 0
+  logged = {m["step"]: m for m in metrics(tmp_path)}
+  assert [s for s, m in logged.items() if "eval_loss" in m] == [3, 4]
+  for key in ("eval_loss", "eval_text_loss", "eval_image_loss"):
+    assert 0 < logged[4][key] < 20, key
+  # The same fixed batches both times: the loss moves only because the model trained.
+  assert logged[4]["eval_loss"] != logged[3]["eval_loss"]
+
+
+def test_no_eval_split_trains_without_a_held_out_loss(tmp_path, capsys):
+  write_project_data(str(tmp_path))
+  assert train(tmp_path, "--config.train.eval_every=2") == 0
+  assert not any("eval_loss" in m for m in metrics(tmp_path))
+  assert "no held-out loss" in capsys.readouterr().err

@@ -158,3 +158,21 @@ def test_analyzer_scores_catch_a_lost_background():
   assert scores["analyzer_all"] == 1.0  # every object survives
   assert scores["analyzer_background"] == np.mean([s.background == "grey" for s in scenes])
   assert vq_train.analyzer_scores(originals, originals)["analyzer_background"] == 1.0
+
+
+def test_negative_warmup_is_a_config_error():
+  with pytest.raises(InputError, match="vq.warmup_steps"):
+    configs.load("tiny", ["--config.vq.warmup_steps=-5"])
+
+
+def test_warmup_steps_sets_the_schedule():
+  config = configs.load("tiny", ["--config.vq.warmup_steps=7", "--config.vq.learning_rate=1.0"])
+  opt = vq_train.make_optimizer(config.vq, steps=100)
+  params = {"w": np.zeros(3, np.float32)}
+  state, moved = opt.init(params), []
+  for _ in range(8):
+    # A constant gradient: each Adam step moves a weight by the current learning rate.
+    updates, state = opt.update({"w": np.ones(3, np.float32)}, state, params)
+    moved.append(-float(updates["w"][0]))
+  # Linear from 0 to the peak over 7 steps, then the peak.
+  np.testing.assert_allclose(moved, [0, 1 / 7, 2 / 7, 3 / 7, 4 / 7, 5 / 7, 6 / 7, 1], atol=1e-5)

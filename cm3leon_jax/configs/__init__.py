@@ -143,3 +143,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, field = path.split(".")
     if config[section][field] < 1:
       raise InputError(f"--config.{path}={config[section][field]}: must be >= 1")
+  if config.vq.get("warmup_steps", 0) < 0:
+    raise InputError(f"--config.vq.warmup_steps={config.vq.warmup_steps}: must be >= 0")

@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq.commitment_cost = 0.25
   c.vq.l2_normalize = True
   c.vq.recon_loss = "l1"  # "l1" | "l2"
+  c.vq.warmup_steps = 0  # linear LR warmup; 0: min(100, steps // 10) (400 on quickstart: no gain)
   c.vq.gan_weight = 0.1
   c.vq.gan_start_step = 20000
   c.vq.dead_code_threshold = 1e-3
@@ -152,7 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 2048  # sequences per optimizer step, global
   c.train.grad_accum = 1
   c.train.log_every = 10
-  c.train.eval_every = 1000
+  c.train.eval_every = 1000  # held-out loss (cm3leon train); 0: never
+  c.train.eval_batches = 4  # fixed batches of the `eval` split
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
 

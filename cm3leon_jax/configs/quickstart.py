@@ -4,7 +4,7 @@
 
 32 px Shapes scenes; a VQ with 4x downsampling (8x8 = 64 codes per image, 256-entry
 codebook); a 512-entry byte-level BPE text tokenizer; a small dual encoder; a 4-layer
-d=128 decoder with image-position embeddings trained 800 steps on 384-token
+d=128 decoder with image-position embeddings trained 2800 steps of 4 x 384-token
 retrieval-augmented CM3 sequences. Budget: the whole run within 15 minutes on 2 CPU cores;
 `<workdir>/report.md` lists the wall time of every stage and the scores (issue 9 tracks the
 accuracy target).
@@ -59,16 +59,26 @@ def get_config(arg=None):
   # Not in the paper (configs/base.py). Measured on this preset: image loss 1.08 at step 200
   # (1.49 without); at step 750, 33% of sampled images held exactly one object (4% without).
   c.model.image_positions = True
-  c.optimizer.peak_lr = 2e-3
+  # The paper's init std (0.006) is for d >= 1024; at d = 128 with it, the decoder ignored
+  # the caption for hundreds of steps (image NLL with the true vs another scene's caption:
+  # 0.3 nats apart at step 400). Same compute (~3.5 min), one variable at a time, nats apart:
+  # init 0.02: 1.4; lr 6e-3: 0.6; both: 2.4; batch 8 (800 steps, lr 6e-3): 1.9;
+  # batch 4 (1600 steps, both): 4.5; batch 2 (3200 steps): 0.7. Adopted: batch 4, both.
+  c.model.init_std = 0.02
+  c.optimizer.peak_lr = 6e-3
   c.optimizer.warmup_steps = 50
   c.workdir = "outputs/quickstart"
-  c.train.steps = 800  # 0.55 s/step on a quiet 2-core CPU (400 steps: 7.9 min in all)
-  c.train.batch_size = 16
-  c.train.log_every = 25
-  c.train.eval_every = 400
-  c.train.checkpoint_every = 400
+  c.train.steps = 2800  # 0.14 s/step on a quiet 2-core CPU: ~6.5 minutes
+  c.train.batch_size = 4
+  c.train.log_every = 100
+  c.train.eval_every = 700
+  c.train.checkpoint_every = 700
   c.decoding.max_text_tokens = 32
-  # Measured at decoder step 750 (top-p pool, CFG 3, 128 samples): temperature 0.6 put exactly
-  # one object in 84% of the images and the right colour in 80%; temperature 1.0: 70% and 73%.
+  # Measured on this recipe's decoder (32 eval-split prompts: one prompt = 3 points; pool of 8,
+  # mixed, re-ranked),
+  # all-attributes accuracy by guidance weight: 1.5: 25%, 2: 22%, 2.5: 9%, 3: 9%, 5: 0%
+  # (above 2 the images gain extra objects: exactly one object 97% at 2, 56% at 3, 3% at 5).
+  # Temperature 0.6 (0.3: 6%, 1.0: 6% at weight 3). The paper's best weight was 3 at scale.
   c.decoding.temperature = 0.6
+  c.decoding.cfg_weight = 2.0
   return c

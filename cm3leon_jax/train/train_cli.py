@@ -7,8 +7,9 @@
 
 Data: the token documents (`<workdir>/tokens`) and, with retrieval on, their static
 neighbours (`<workdir>/neighbours`), read by the Grain pipeline of cm3leon_jax/data/pipeline.py;
-`--synthetic` uses random packed batches instead. Resumes from the latest checkpoint in
-`<workdir>/decoder/checkpoints` unless `--no-resume`.
+`--synthetic` uses random packed batches instead. With the `eval` split encoded (and retrieved),
+`train.eval_batches` fixed batches of it give a held-out loss every `train.eval_every` steps.
+Resumes from the latest checkpoint in `<workdir>/decoder/checkpoints` unless `--no-resume`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,30 @@ def data_iterator(config, synthetic: bool):
   return pipeline.make_iterator(config, batch_size=batch)
 
 
+def eval_batches(config, synthetic: bool) -> list[dict]:
+  """`train.eval_batches` fixed batches of the `eval` split (same assembly and masking as
+  training, a fixed seed), or none: synthetic data, eval_batches = 0, or no encoded eval split
+  (a note says so)."""
+  import os
+
+  import jax
+  count = int(config.train.get("eval_batches", 0))
+  if synthetic or count <= 0 or int(config.train.eval_every) <= 0:
+    return []
+  from cm3leon_jax.data import pipeline
+  tasks = pipeline.default_tasks(config, "eval")
+  missing = [d for d in (tasks[0].tokens_dir, tasks[0].neighbours_dir)
+             if d and not os.path.isdir(d)]
+  if missing:
+    print(f"train: no held-out loss ({', '.join(missing)} missing; `cm3leon encode --split eval`"
+          f"{' and `cm3leon retrieve --split eval`' if config.retrieval.enabled else ''} make it)",
+          file=sys.stderr)
+    return []
+  it = pipeline.make_iterator(config, tasks, num_workers=0,
+                              batch_size=config.train.batch_size // jax.process_count())
+  return [next(it) for _ in range(count)]
+
+
 def run(args, config) -> int:
   if args.num_processes is not None and args.num_processes > 1:
     if args.process_id is None or args.coordinator is None:
@@ -61,6 +86,7 @@ def run(args, config) -> int:
                      f"{jax.process_count()} processes")
   result = trainer.train(config, data_iterator(config, args.synthetic), max_steps=args.max_steps,
                          resume=not args.no_resume,
+                         eval_batches=eval_batches(config, args.synthetic),
                          progress=not args.no_progress and sys.stderr.isatty())
   if jax.process_index() == 0:
     last = result.history[-1] if result.history else {}

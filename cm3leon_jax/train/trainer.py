@@ -6,6 +6,9 @@ metrics, checkpoints. Reads top to bottom; `train()` is importable (notebooks, t
 Per log interval it records loss (all / text / image), z-loss, grad norm, learning rate,
 step time, tokens/s, analytic model FLOPs and MFU, to `<workdir>/decoder/metrics.jsonl`
 and TensorBoard (`<workdir>/decoder/tensorboard`), with a tqdm bar on process 0.
+With `eval_batches` (fixed held-out batches; `cm3leon train` takes `train.eval_batches` of
+them from the `eval` split) it also records their loss (eval_loss / eval_text_loss /
+eval_image_loss) every `train.eval_every` steps and at the end.
 Checkpoints (train state + the data iterator's position) go to
 `<workdir>/decoder/checkpoints` every `train.checkpoint_every` steps, at the end, and at the
 step where a preemption is noticed; a rerun resumes from the latest one.
@@ -18,7 +21,7 @@ import json
 import logging
 import os
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import jax
 import tqdm
@@ -29,7 +32,8 @@ from cm3leon_jax.train import flops
 from cm3leon_jax.train.checkpoint import Checkpointer
 from cm3leon_jax.train.mesh import global_batch, make_mesh
 from cm3leon_jax.train.state import TrainState, abstract_train_state, init_train_state
-from cm3leon_jax.train.step import check_accumulation, check_batch_arrays, make_train_step
+from cm3leon_jax.train.step import (check_accumulation, check_batch_arrays, make_eval_step,
+                                    make_train_step)
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +106,23 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     jax.distributed.initialize()
 
 
+def held_out_loss(eval_fn, state, batches: Sequence[dict], mesh) -> dict:
+  """Token-weighted mean loss (all / text / image) of fixed batches, without an update."""
+  sums: dict = {}
+  for batch in batches:
+    m = jax.device_get(eval_fn(state, global_batch(batch, mesh)))
+    for kind, weight in (("loss", "tokens"), ("text_loss", "text_tokens"),
+                         ("image_loss", "image_tokens")):
+      sums[kind] = sums.get(kind, 0.0) + float(m[kind]) * float(m[weight])
+      sums[weight] = sums.get(weight, 0.0) + float(m[weight])
+  return {f"eval_{kind}": sums[kind] / sums[weight]
+          for kind, weight in (("loss", "tokens"), ("text_loss", "text_tokens"),
+                               ("image_loss", "image_tokens")) if sums.get(weight)}
+
+
 def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
-          resume: bool = True, progress: bool = True) -> TrainResult:
+          resume: bool = True, progress: bool = True,
+          eval_batches: Sequence[dict] = ()) -> TrainResult:
   """Train `config` on `data_iter` (this process's local batches) until `train.steps`.
 
   `max_steps` stops earlier (this call only; the schedule still spans train.steps).
@@ -132,6 +151,8 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
 
   # --- Update step -------------------------------------------------------------------------
   step_fn = make_train_step(config, ts, mesh)
+  eval_fn = make_eval_step(config, ts, mesh) if eval_batches else None
+  eval_every = int(config.train.eval_every)
   flops_per_step = flops.train_flops_per_step(cfg, config.train.batch_size)
   peak, peak_source = flops.peak_flops_per_device()
   tokens_per_step = config.train.batch_size * config.model.seq_len
@@ -156,7 +177,9 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - last_time
         last_time, last_step = time.perf_counter(), step
-      if step % log_every == 0 or step == end:
+      evaluate = eval_fn is not None and (step == end or (eval_every > 0
+                                                        and step % eval_every == 0))
+      if step % log_every == 0 or step == end or evaluate:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         if step > last_step:
@@ -168,6 +191,9 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
             values["mfu"] = util
         values["first_step_s"] = compile_s
         last_time, last_step = now, step
+        if evaluate:
+          values.update(held_out_loss(eval_fn, state, eval_batches, mesh))
+          last_time = time.perf_counter()  # keep evaluation out of the next step timings
         writer.write(step, values)
         history.append({"step": step, **values})
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
