@@ -215,7 +215,8 @@ def cell_config(plan: Plan, cell: Cell):
 
 def cell_key(cell: Cell, config) -> str:
   """What the measurement depends on (effective values), so equal settings of different rows
-  (e.g. 2 documents = the recipe's CFG weight = a mixed pool of 8 at the defaults) are measured once."""
+  (e.g. 2 documents = the recipe's CFG weight = a mixed pool of 8 at the defaults) are measured
+  once."""
   d, e = config.decoding, config.eval
   if cell.task == "t2i":
     # A mixed pool of one is a top-p sample (decode/api.py: the CD-K half is empty).

@@ -63,8 +63,7 @@ class PatchDiscriminator(nnx.Module):
 # --- model, optimisers, sharded state ------------------------------------------------------
 def make_optimizer(c, steps: int) -> optax.GradientTransformation:
   # vq.warmup_steps = 0: the old default, 100 steps (a tenth of a short run).
-  warmup = int(c.get("warmup_steps", 0)) or min(100, steps // 10)
-  warmup = max(1, min(warmup, steps - 1)) if steps > 1 else 1
+  warmup = max(1, min(int(c.get("warmup_steps", 0)) or min(100, steps // 10), steps - 1))
   schedule = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, warmup, max(steps, warmup + 1),
                                                 end_value=0.1 * c.learning_rate)
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule, b1=0.9, b2=0.99))

@@ -168,14 +168,15 @@ def make_train_step(config, ts, mesh: Mesh) -> Callable:
 
 
 def make_eval_step(config, ts, mesh: Mesh) -> Callable:
-  """jit of `(state, batch) -> metrics` (loss split text/image/all) without an update."""
+  """jit of `(state, batch) -> loss sums` (`loss_sums`) without an update: sums of several
+  batches add up, and `metrics_from_sums` turns the total into token-weighted losses."""
   vocab = Vocab.from_config(config)
   z_loss = float(config.model.z_loss)
 
   def evaluate(state, batch):
     model, _ = nnx.merge(ts.graphdef, state)
     model_def, params = nnx.split(model, nnx.Param)
-    return metrics_from_sums(_forward_sums(model_def, params, batch, vocab, z_loss))
+    return _forward_sums(model_def, params, batch, vocab, z_loss)
 
   batch_shardings = {k: batch_sharding(mesh, 2) for k in BATCH_DTYPES}
   return jax.jit(evaluate, in_shardings=(ts.shardings, batch_shardings),

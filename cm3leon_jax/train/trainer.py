@@ -24,6 +24,7 @@ import time
 from typing import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import tqdm
 
 from cm3leon_jax.model.decoder import DecoderConfig
@@ -33,7 +34,7 @@ from cm3leon_jax.train.checkpoint import Checkpointer
 from cm3leon_jax.train.mesh import global_batch, make_mesh
 from cm3leon_jax.train.state import TrainState, abstract_train_state, init_train_state
 from cm3leon_jax.train.step import (check_accumulation, check_batch_arrays, make_eval_step,
-                                    make_train_step)
+                                    make_train_step, metrics_from_sums)
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +109,14 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
 
 def held_out_loss(eval_fn, state, batches: Sequence[dict], mesh) -> dict:
   """Token-weighted mean loss (all / text / image) of fixed batches, without an update."""
-  sums: dict = {}
+  sums = None
   for batch in batches:
-    m = jax.device_get(eval_fn(state, global_batch(batch, mesh)))
-    for kind, weight in (("loss", "tokens"), ("text_loss", "text_tokens"),
-                         ("image_loss", "image_tokens")):
-      sums[kind] = sums.get(kind, 0.0) + float(m[kind]) * float(m[weight])
-      sums[weight] = sums.get(weight, 0.0) + float(m[weight])
-  return {f"eval_{kind}": sums[kind] / sums[weight]
-          for kind, weight in (("loss", "tokens"), ("text_loss", "text_tokens"),
-                               ("image_loss", "image_tokens")) if sums.get(weight)}
+    batch_sums = eval_fn(state, global_batch(batch, mesh))
+    sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+  m = jax.device_get(metrics_from_sums(sums))
+  return {f"eval_{kind}": float(m[kind]) for kind, weight in (
+      ("loss", "tokens"), ("text_loss", "text_tokens"), ("image_loss", "image_tokens"))
+          if m[weight] > 0}
 
 
 def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
