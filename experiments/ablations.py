@@ -69,10 +69,11 @@ ITEMS = {
 }
 STATE_FILE = "cells.json"
 UPSTREAM_END = "decoder"  # quickstart stages before this one make the shared artifacts
-# The start-up cost estimate, from rates of the quickstart preset on a 2-core CPU: 0.55 s per
-# decoder step and ~240 s of upstream stages on a quiet machine (quickstart.py's record); 0.08 s
-# per text-to-image candidate measured at load average ~9 (compiles included), an upper bound.
-SECONDS_PER_STEP = 0.55
+# The start-up cost estimate, from rates of the quickstart preset on a 2-core CPU: 0.15 s per
+# decoder step (batch 4 x 384 tokens) and ~240 s of upstream stages on a quiet machine
+# (quickstart.py's record); 0.08 s per text-to-image candidate measured at load average ~9
+# (compiles included), an upper bound.
+SECONDS_PER_STEP = 0.15
 SECONDS_PER_SAMPLE = 0.08
 SECONDS_UPSTREAM = 240.0
 

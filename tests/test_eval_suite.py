@@ -16,7 +16,7 @@ from cm3leon_jax.eval.fid import fid
 from tests.eval_fixtures import shapes_records, tiny_generator
 
 OVERRIDES = ["eval.num_prompts=4", "eval.num_candidates=2", "eval.num_captions=4",
-             "eval.num_infill=4", "eval.num_fid_real=8"]
+             "eval.num_infill=4", "eval.num_fid_real=8", "eval.num_binding=3"]
 
 
 @pytest.mark.parametrize("row, rows", [(0, (0, 3)), (1, (2, 6)), (2, (5, 8))])
@@ -96,12 +96,20 @@ def test_quickstart_suite_end_to_end_on_a_tiny_random_stack(tmp_path):
   assert len(heldout) >= 16 and t2i["fid"]["num_real"] == 8
   assert t2i["fid"]["best"]["fid"] >= 0 and t2i["fid"]["best"]["floor"] >= 0
   assert t2i["fid"]["candidates"]["num_images"] == 8 and t2i["fid"]["candidates"]["floor"] >= 0
-  assert set(metrics["seconds"]) == {"text_to_image", "captioning", "infilling"}
+  b = metrics["binding"]
+  assert b["num_scenes"] == 3 and set(b["by_retrieved"]) == {"0", "2"}
+  for probe in b["by_retrieved"].values():
+    assert set(probe) == {"colour", "shape", "size"}
+    assert probe["shape"]["chance"] == pytest.approx(1 / 5)
+    assert probe["shape"]["num_scenes"] == 3  # every Shapes caption names its shape once
+    assert 0.0 <= probe["shape"]["accuracy"] <= 1.0
+  assert set(metrics["seconds"]) == {"text_to_image", "binding", "captioning", "infilling"}
 
   report.write(str(tmp_path / "out"), metrics, figures)
   out = tmp_path / "out"
   assert json.loads((out / "metrics.json").read_text())["suite"] == "quickstart"
   assert "## Text-to-image" in (out / "report.md").read_text()
+  assert "## Attribute binding" in (out / "report.md").read_text()
   # 4 samples of 16 px upscaled x8 in one row, each under a prompt strip.
   width, height = Image.open(out / "samples.png").size
   assert width == 4 + 4 * (128 + 4) and height > 128 + 8

@@ -24,6 +24,7 @@ from cm3leon_jax.configs.base import tokens_per_image
 from cm3leon_jax.data import records
 from cm3leon_jax.decode import constraints as C
 from cm3leon_jax.decode import prompts as P
+from cm3leon_jax.decode.likelihood import continuation_nll
 from cm3leon_jax.decode.sampler import SamplerSpec, generate, make_knobs
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.tokenizers.vocab import Document, Vocab
@@ -123,6 +124,29 @@ class Generator:
     return [self.memory.document(i) for i in ids], ids
 
   # --- tasks -------------------------------------------------------------------------------
+  def _text_to_image_prompt(self, caption: str, k: int) -> tuple[P.Prompt, list[int]]:
+    if not caption.strip():
+      raise InputError("text_to_image: an empty caption")
+    docs, ids = self.retrieve(caption, None, k)
+    tokens = self.text_tokenizer.encode(caption)
+    prompt = P.text_to_image(self.vocab, tokens, docs)
+    # As in training (REFERENCE.md 3), retrieved documents are dropped, never cut, until the
+    # prompt and the image fit the window; the lowest-ranked goes first.
+    while docs and len(prompt.cond) + self.n_image + 1 > self.model.cfg.seq_len:
+      docs, ids = docs[:-1], ids[:-1]
+      prompt = P.text_to_image(self.vocab, tokens, docs)
+    return prompt, ids
+
+  def image_nll(self, captions: Sequence[str], codes_BN, *, num_retrieved: int = 0) -> np.ndarray:
+    """Teacher-forced NLL (nats, summed over the N codes) of each image's codes after its
+    text-to-image prompt (and `num_retrieved` documents retrieved for the caption). float64 [B]."""
+    codes = np.asarray(codes_BN)
+    if codes.ndim != 2 or codes.shape[1] != self.n_image or len(codes) != len(captions):
+      raise InputError(f"image_nll: codes of shape {codes.shape} for {len(captions)} captions; "
+                       f"expected [{len(captions)}, {self.n_image}]")
+    prompts_ = [self._text_to_image_prompt(c, num_retrieved)[0].cond for c in captions]
+    return continuation_nll(self.model, prompts_, [self.vocab.image_to_ids(c) for c in codes])
+
   def text_to_image(self, captions: Sequence[str], *, num_candidates: int | None = None,
                     pool: str | None = None, cfg_weight: float | None = None,
                     temperature: float | None = None, top_p: float | None = None,
@@ -140,16 +164,7 @@ class Generator:
       raise InputError("text_to_image: no captions")
     cond, uncond, retrieved = [], [], []
     for caption in captions:
-      if not caption.strip():
-        raise InputError("text_to_image: an empty caption")
-      docs, ids = self.retrieve(caption, None, k)
-      tokens = self.text_tokenizer.encode(caption)
-      prompt = P.text_to_image(self.vocab, tokens, docs)
-      # As in training (REFERENCE.md 3), retrieved documents are dropped, never cut, until the
-      # prompt and the image fit the window; the lowest-ranked goes first.
-      while docs and len(prompt.cond) + self.n_image + 1 > self.model.cfg.seq_len:
-        docs, ids = docs[:-1], ids[:-1]
-        prompt = P.text_to_image(self.vocab, tokens, docs)
+      prompt, ids = self._text_to_image_prompt(caption, k)
       cond += [prompt.cond] * n
       uncond += [prompt.uncond] * n
       retrieved.append(ids)

@@ -10,6 +10,9 @@ Stages (each reads its counts from `config.eval`):
   pool, re-ranking), scored by the analyzer against the prompt's scene; the random-chance
   baseline beside it; CLIP score; Fréchet distance of the images against real held-out images,
   with the real-vs-real distance of as many images beside it (the floor at that sample size).
+- binding: single-object eval scenes; does the decoder's likelihood of each image's codes
+  prefer the scene's caption over the caption with one attribute word swapped (eval/binding.py),
+  with no retrieved documents and with `decoding.num_retrieved`.
 - captioning: eval images captioned (causal prompt, greedy); attribute recall of the captions
   against the ground-truth scenes, chance, and CIDEr-D against the dataset's caption.
 - infilling: eval images with an object in grid row `infill_row`; the band of code rows over that
@@ -32,10 +35,11 @@ from cm3leon_jax.eval.features import feature_extractor
 from cm3leon_jax.eval.fid import fid
 
 SUITES = {
-    "quickstart": ("text_to_image", "captioning", "infilling"),
+    "quickstart": ("text_to_image", "binding", "captioning", "infilling"),
     "text-to-image": ("text_to_image",),
     "captioning": ("captioning",),
     "infilling": ("infilling",),
+    "binding": ("binding",),
 }
 NUM_EXAMPLES = 8  # captions listed in the report
 MASK_GREY = 128  # how the masked band is drawn in infill.png
@@ -161,6 +165,25 @@ def captioning(config, generator, embedder, records: Records) -> tuple[dict, dic
   }, {}
 
 
+def binding(config, generator, embedder, records: Records) -> tuple[dict, dict]:
+  """eval/binding.py on single-object eval-split scenes, without and with retrieval."""
+  del embedder
+  from cm3leon_jax.eval.binding import binding as attribute_binding
+  count = int(config.eval.num_binding)
+  if count < 1:
+    raise InputError(f"--config.eval.num_binding={count}: must be >= 1")
+  chosen = _take(records("eval"), lambda r: len(r["scene"].objects) == 1, count)
+  if not chosen:
+    raise InputError("eval: the eval split has no single-object scenes")
+  captions, scenes = [r["text"] for r in chosen], [r["scene"] for r in chosen]
+  codes = generator.image_tokenizer.encode(_images(chosen))
+  ks = [0] + ([int(config.decoding.num_retrieved)] if generator.retriever is not None
+              and int(config.decoding.num_retrieved) > 0 else [])
+  return {"num_scenes": len(chosen), "split": "eval", "by_retrieved": {
+      str(k): attribute_binding(lambda c, x, k=k: generator.image_nll(c, x, num_retrieved=k),
+                                captions, scenes, codes) for k in ks}}, {}
+
+
 def band_rows(grid_row: int, image_size: int, code_grid: int) -> tuple[int, int]:
   """Code rows [start, end) covering the pixel rows of 3x3 grid row `grid_row`."""
   if not 0 <= grid_row <= 2:
@@ -202,7 +225,8 @@ def infilling(config, generator, embedder, records: Records) -> tuple[dict, dict
   }, {"infill": (images, masked, infilled)}
 
 
-STAGES = {"text_to_image": text_to_image, "captioning": captioning, "infilling": infilling}
+STAGES = {"text_to_image": text_to_image, "binding": binding, "captioning": captioning,
+          "infilling": infilling}
 
 
 def run_suite(name: str, config, generator, embedder=None, records: Records | None = None,
