@@ -148,3 +148,31 @@ def test_unmask_rejects_a_tail_that_does_not_match_the_body():
     cm3.unmask(bad, VOCAB)
   with pytest.raises(InputError, match="end with <eos>"):
     cm3.unmask(out[:-1], VOCAB)
+
+
+def test_image_index_of_the_worked_example_follows_each_code_to_its_new_place():
+  text = lambda *t: np.asarray(t) + VOCAB.text_start
+  image = lambda *c: np.asarray(c) + VOCAB.image_start
+  e, b = VOCAB.eos_id, VOCAB.break_id
+  ids = np.concatenate([[e], text(0, 1, 2), [b], image(1, 2, 3, 4), [b], text(3, 4), [e]])
+  np.testing.assert_array_equal(cm3.image_index(ids, VOCAB),
+                                [-1, -1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1])
+  # body: <eos> a <mask:0> <break> I1 <mask:1> I4 <break> d e <eos>
+  # tail: <infill> <mask:0> b c <mask:1> I2 I3 <eos>: I4 keeps index 3, I2 I3 keep 1 and 2.
+  index = cm3.masked_image_index(ids, np.array([2, 6]), np.array([4, 8]), VOCAB)
+  np.testing.assert_array_equal(index, [-1, -1, -1, -1, 0, -1, 3, -1, -1, -1, -1,
+                                        -1, -1, -1, -1, -1, 1, 2, -1])
+
+
+@settings(max_examples=100)
+@given(sequences, span_counts, seeds)
+def test_every_moved_code_keeps_its_index_in_its_image(ids, n, seed):
+  out, index = cm3.mask_with_index(ids, n, np.random.default_rng(seed), VOCAB)
+  assert len(index) == len(out)
+  # Move the index back with the ids: positions of each span's tokens follow unmask's order.
+  starts, ends = cm3.choose_spans(ids, n, np.random.default_rng(seed), VOCAB)
+  source = cm3.span_sources(len(ids), starts, ends)
+  restored = np.full(len(ids), -2)
+  restored[source[source >= 0]] = index[source >= 0]
+  np.testing.assert_array_equal(restored, cm3.image_index(ids, VOCAB))
+  np.testing.assert_array_equal(out[source >= 0], ids[source[source >= 0]])

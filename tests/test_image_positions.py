@@ -109,3 +109,40 @@ def test_cached_sampler_tracks_the_index_like_the_full_forward(model):
   for row, prompt in zip(out, prompts):
     ref = _reference_greedy(model, prompt, N + 1)
     assert row[:len(ref)].tolist() == ref
+
+
+def test_infilling_writes_the_span_at_its_raster_places(model):
+  # The prompt `<eos> caption <break> I_0..I_5 <mask:0> I_10..I_15 <break> <eos> <infill> <mask:0>`
+  # moves codes away from their places: the cached sampler must give the span's codes indices
+  # 6..9 (not 0..3, what counting from the sentinel gives), as a full forward with the
+  # explicit index does.
+  from cm3leon_jax.decode import prompts as P
+  codes = np.arange(N) % 7
+  region = np.zeros(N, bool)
+  region[6:10] = True
+  prompt = P.image_infill(VOCAB, np.array([3, 4]), codes, region, N)
+  assert prompt.image_span == 4
+  is_image = VOCAB.is_image(prompt.cond)
+  np.testing.assert_array_equal(prompt.image_index[is_image], [0, 1, 2, 3, 4, 5] + list(range(10, 16)))
+  assert prompt.image_index[-1] == 5  # the final sentinel: the index before the span
+  state = C.initial_state(VOCAB, np.zeros((1, 1), np.int32), np.ones(1, np.int32), N,
+                          span_lens_B=np.array([4]), span_close=VOCAB.eos_id)
+  spec = SamplerSpec(max_new_tokens=5, tokens_per_image=N)
+  out, _ = generate(model, VOCAB, [[prompt.cond]], spec, make_knobs(1, temperature=0.0),
+                    jax.random.key(0), state=state, image_index=[[prompt.image_index]])
+  seq, index = list(prompt.cond), list(prompt.image_index)
+  lo, hi = VOCAB.image_start, VOCAB.image_start + VOCAB.image_size
+  for j in range(4):  # greedy over image ids with the full forward and the explicit index
+    ids = jnp.array([seq])
+    logits = model(ids, jnp.arange(len(seq))[None], jnp.ones_like(ids), jnp.array([index]))
+    token = lo + int(jnp.argmax(logits[0, -1, lo:hi]))
+    assert int(out[0, j]) == token
+    seq.append(token)
+    index.append(6 + j)
+  assert int(out[0, 4]) == VOCAB.eos_id
+  # And the index matters: counting from the sentinel gives the span's first code other logits.
+  ids = jnp.array([seq[:len(prompt.cond) + 1]])
+  explicit = model(ids, jnp.arange(ids.shape[1])[None], jnp.ones_like(ids),
+                   jnp.array([index[:ids.shape[1]]]))
+  counted = model(ids, jnp.arange(ids.shape[1])[None], jnp.ones_like(ids))
+  assert not np.allclose(explicit[0, -1], counted[0, -1])

@@ -17,7 +17,7 @@ from cm3leon_jax.errors import InputError
 from cm3leon_jax.tokenizers.vocab import ImageSegment, TextSegment, Vocab
 
 CONTRACT = {"inputs": np.int32, "targets": np.int32, "weights": np.float32,
-            "segment_ids": np.int32, "positions": np.int32}
+            "image_index": np.int32, "segment_ids": np.int32, "positions": np.int32}
 
 
 def load(*overrides):

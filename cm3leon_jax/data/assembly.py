@@ -143,13 +143,19 @@ class Assembler:
     return cm3.sample_num_spans(rng, self.poisson_rate, self.min_spans, self.span_cap,
                                 self.vocab.num_sentinels)
 
-  def example(self, seq_S: np.ndarray) -> dict[str, np.ndarray]:
-    """A (masked) sequence -> unpadded `inputs`, `targets` int32 and `weights` float32, [S-1]."""
+  def example(self, seq_S: np.ndarray, image_index_S: np.ndarray | None = None
+              ) -> dict[str, np.ndarray]:
+    """A (masked) sequence -> unpadded `inputs`, `targets` int32, `weights` float32 and the
+    inputs' `image_index` int32, [S-1]. image_index_S: the masked sequence's (cm3.py);
+    default: counted from the ids (right for an unmasked sequence)."""
     if len(seq_S) - 1 > self.seq_len:
       raise AssertionError(f"assembled {len(seq_S)} tokens for seq_len {self.seq_len}")
+    if image_index_S is None:
+      image_index_S = cm3.image_index(seq_S, self.vocab)
     targets = seq_S[1:].astype(np.int32)
     return {"inputs": seq_S[:-1].astype(np.int32), "targets": targets,
-            "weights": cm3.loss_weights(targets, self.vocab)}
+            "weights": cm3.loss_weights(targets, self.vocab),
+            "image_index": np.asarray(image_index_S[:-1], np.int32)}
 
   def __call__(self, query_D: np.ndarray, retrieved: list[np.ndarray],
                rng: np.random.Generator) -> tuple[dict[str, np.ndarray] | None, dict[str, int]]:
@@ -162,4 +168,4 @@ class Assembler:
     seq_S, counts = self.assemble(query_D, retrieved, self.budget(n), rotate)
     if seq_S is None:
       return None, counts
-    return self.example(cm3.mask(seq_S, n, rng, self.vocab)), counts
+    return self.example(*cm3.mask_with_index(seq_S, n, rng, self.vocab)), counts

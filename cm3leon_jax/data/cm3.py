@@ -11,7 +11,10 @@
 - a span lies wholly inside one text run or one image's codes: it never covers `<break>`,
   `<eos>` or any other special token, so every body image keeps both its `<break>`s and its
   N codes are exactly the body's codes plus the codes of the spans moved out of it;
-- the loss ignores sentinel targets (they sit at random places) and padding.
+- the loss ignores sentinel targets (they sit at random places) and padding;
+- every image code keeps its raster index in its image (`masked_image_index`): once spans move,
+  a code's place in the token stream no longer says where it sits in the image, so the
+  pipeline hands the index to the model (`model.image_positions`) beside the ids.
 
 Pure numpy; the only randomness comes from the `np.random.Generator` passed in, so a
 per-example generator (Grain's `random_map`) makes the transform reproducible and resumable.
@@ -92,6 +95,41 @@ def choose_spans(ids_L: np.ndarray, num_spans: int, rng: np.random.Generator,
   return starts.astype(np.int64), ends.astype(np.int64)
 
 
+def image_index(ids_L: np.ndarray, vocab: Vocab) -> np.ndarray:
+  """Each image token's raster index inside its image (runs of image ids count from 0), -1 on
+  every other token; int32 [L]. Exact for unmasked sequences, where every image is whole; the
+  numpy twin of `Decoder.image_index`."""
+  is_image = vocab.is_image(np.asarray(ids_L))
+  count = np.cumsum(is_image, dtype=np.int64)
+  last_other = np.maximum.accumulate(np.where(is_image, 0, count)) if len(count) else count
+  return np.where(is_image, count - last_other - 1, -1).astype(np.int32)
+
+
+def span_sources(length: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+  """Where each token of `apply_spans`'s output comes from: its position in the unmasked
+  sequence of `length` tokens, or -1 for the sentinels, `<infill>` and `<eos>` it adds; int64."""
+  source = np.arange(length)
+  if len(starts) == 0:
+    return source
+  body, tail, previous = [], [[-1]], 0
+  for start, end in zip(np.asarray(starts).tolist(), np.asarray(ends).tolist()):
+    body += [source[previous:start], [-1]]
+    tail += [[-1], source[start:end]]
+    previous = end
+  body.append(source[previous:])
+  return np.concatenate(body + tail + [[-1]]).astype(np.int64)
+
+
+def masked_image_index(ids_L: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                       vocab: Vocab) -> np.ndarray:
+  """The image index of every token of `apply_spans(ids_L, starts, ends)`: an image code keeps
+  its raster index in its image wherever the transform moves it (the rest of the body after a
+  sentinel, or the span in the tail); -1 elsewhere. int32 [L + 2n + 2]."""
+  index = image_index(ids_L, vocab)
+  source = span_sources(len(index), starts, ends)
+  return np.where(source >= 0, index[np.maximum(source, 0)], -1).astype(np.int32)
+
+
 def apply_spans(ids_L: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                 vocab: Vocab) -> np.ndarray:
   """Replace span i by `<mask:i>` in place and append `<infill> <mask:0> span_0 ... <eos>`."""
@@ -115,8 +153,15 @@ def apply_spans(ids_L: np.ndarray, starts: np.ndarray, ends: np.ndarray,
 
 def mask(ids_L: np.ndarray, num_spans: int, rng: np.random.Generator, vocab: Vocab) -> np.ndarray:
   """The CM3 transform of one sequence with (up to) `num_spans` spans; int32 [L + 2n + 2]."""
+  return mask_with_index(ids_L, num_spans, rng, vocab)[0]
+
+
+def mask_with_index(ids_L: np.ndarray, num_spans: int, rng: np.random.Generator,
+                    vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+  """`mask` and the masked sequence's image index (`masked_image_index`), both int32."""
   starts, ends = choose_spans(np.asarray(ids_L), num_spans, rng, vocab)
-  return apply_spans(ids_L, starts, ends, vocab)
+  return (apply_spans(ids_L, starts, ends, vocab),
+          masked_image_index(np.asarray(ids_L), starts, ends, vocab))
 
 
 def unmask(ids_M: np.ndarray, vocab: Vocab) -> np.ndarray:

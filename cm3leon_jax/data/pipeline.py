@@ -10,6 +10,8 @@ jax.process_count() (this process's share) and L = model.seq_len:
   targets      int32    next-token ids: the inputs shifted left within each packed segment (a
                         segment's last target is its closing `<eos>`, never the next segment)
   weights      float32  loss weights: 0 on padding and on sentinel (`<mask:i>`) targets, 1 else
+  image_index  int32    each image code's raster index in its image, also where CM3 moved it
+                        (cm3.py `masked_image_index`); -1 on other tokens and padding
   segment_ids  int32    1, 2, 3, ... per packed sequence in the row; 0 on padding
   positions    int32    0-based position within its segment; 0 on padding
 With `data.packing = False` every row holds one sequence (segment id 1) and padding.

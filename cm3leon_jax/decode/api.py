@@ -239,7 +239,8 @@ class Generator:
     tokens, _ = generate(self.model, self.vocab, [[p.cond for p in prompts_]], spec,
                          make_knobs(len(prompts_), temperature=d.temperature if temperature is None
                                     else temperature, top_p=d.top_p),
-                         jax.random.key(seed), state=state)
+                         jax.random.key(seed), state=state,
+                         image_index=[[p.image_index for p in prompts_]])
     out = codes.copy()
     out[:, region] = self.vocab.ids_to_image(tokens[:, :span])
     return self.image_tokenizer.decode(out)

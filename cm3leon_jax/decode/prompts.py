@@ -24,6 +24,9 @@ class Prompt(NamedTuple):
   cond: np.ndarray            # the full prompt
   uncond: np.ndarray | None   # the text replaced by <mask:0> (guidance / CD-K amateur)
   image_span: int = -1        # image infilling: number of image tokens to write, else -1
+  # Image indices of `cond` where its codes are not in raster order (image infilling; the
+  # final sentinel holds the index before the span); None: counted from the ids.
+  image_index: np.ndarray | None = None
 
 
 def _context(vocab: Vocab, retrieved: Sequence[Document]) -> list[np.ndarray]:
@@ -92,7 +95,10 @@ def image_infill(vocab: Vocab, caption_tokens: np.ndarray | None, codes, region_
           np.array([vocab.break_id, vocab.eos_id, vocab.infill_id, vocab.sentinel_id(0)], np.int32)]
   cond = np.concatenate(parts + body).astype(np.int32)
   uncond = np.concatenate(uncond_parts + body).astype(np.int32) if len(parts) > 1 else None
-  return Prompt(cond, uncond, image_span=end - start)
+  before_image = sum(len(p) for p in parts) + 1  # <eos>, the caption, <break>
+  index = np.concatenate([np.full(before_image, -1), np.arange(start), [-1],
+                          np.arange(end, len(codes)), [-1, -1, -1, start - 1]]).astype(np.int32)
+  return Prompt(cond, uncond, image_span=end - start, image_index=index)
 
 
 def text_infill(vocab: Vocab, before_tokens: np.ndarray, after_tokens: np.ndarray) -> Prompt:

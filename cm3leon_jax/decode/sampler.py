@@ -83,10 +83,13 @@ class Prompts(NamedTuple):
   segment_ids: np.ndarray
   positions: np.ndarray
   lengths_B: np.ndarray  # stream-0 prompt lengths (the constraint state's positions)
+  image_index: np.ndarray | None = None  # [S*B, P] image indices (-1 on padding), if given
 
 
-def pad_prompts(streams: list[list[np.ndarray]], seq_len: int, max_new_tokens: int) -> Prompts:
-  """streams[s][b] = 1-D ids of prompt b in stream s -> one left-padded [S*B, P] batch."""
+def pad_prompts(streams: list[list[np.ndarray]], seq_len: int, max_new_tokens: int,
+                image_index: list[list[np.ndarray]] | None = None) -> Prompts:
+  """streams[s][b] = 1-D ids of prompt b in stream s -> one left-padded [S*B, P] batch.
+  image_index: the prompts' image indices, shaped like `streams` (None: counted from the ids)."""
   rows = [np.asarray(p, np.int32) for stream in streams for p in stream]
   width = max(len(r) for r in rows)
   if min(len(r) for r in rows) == 0:
@@ -102,7 +105,15 @@ def pad_prompts(streams: list[list[np.ndarray]], seq_len: int, max_new_tokens: i
     ids[i, width - len(r):] = r
     seg[i, width - len(r):] = 1
     pos[i, width - len(r):] = np.arange(len(r))
-  return Prompts(ids, seg, pos, np.array([len(p) for p in streams[0]], np.int32))
+  index = None
+  if image_index is not None:
+    index_rows = [np.asarray(x, np.int32) for stream in image_index for x in stream]
+    if [len(x) for x in index_rows] != [len(r) for r in rows]:
+      raise InputError("image_index must give one index per prompt token of every stream")
+    index = np.full_like(ids, -1)
+    for i, x in enumerate(index_rows):
+      index[i, width - len(x):] = x
+  return Prompts(ids, seg, pos, np.array([len(p) for p in streams[0]], np.int32), index)
 
 
 def _combine(logits_SBV, mask_BV, knobs: SamplerKnobs, spec: SamplerSpec):
@@ -147,8 +158,8 @@ def _step_token(logits_SBV, state, rng, step, prompts_len_B, knobs, spec, vocab)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "vocab"))
-def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, lengths_B, state, rng, knobs,
-              *, spec: SamplerSpec, vocab: Vocab):
+def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, prompt_index, lengths_B, state,
+              rng, knobs, *, spec: SamplerSpec, vocab: Vocab):
   """Prefill + decode loop in one program: the cache is created, updated in place by the
   while_loop and dropped inside XLA, never copied to or from the host."""
   model = nnx.merge(graphdef, params)
@@ -157,14 +168,18 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, lengths_B, s
   cache = init_cache(model, rows, width + spec.max_new_tokens)
   layers = layer_params(model)  # sliced once here, not in every step of the loop
   logits, cache = forward_cached(model, cache, prompt_ids, prompt_pos, prompt_seg, jnp.int32(0),
-                                 layers)
+                                 layers, prompt_index)
   rng, key = jax.random.split(rng)
   logits_SBV = logits[:, -1].reshape(spec.num_streams, batch, -1)
   tokens_B, state = _step_token(logits_SBV, state, key, 0, lengths_B, knobs, spec, vocab)
   out_BT = jnp.full((batch, spec.max_new_tokens), vocab.pad_id, jnp.int32).at[:, 0].set(tokens_B)
   next_pos_SB = prompt_pos[:, -1] + 1  # position of the first generated token, per row
-  image_index_SB = (model.image_index(prompt_ids)[:, -1] if model.cfg.tokens_per_image
-                    else jnp.full((rows,), -1, jnp.int32))
+  # The index before the next image token: an infilling prompt's last sentinel carries the
+  # index before its span (decode/prompts.py), so the span's codes get their raster places.
+  if not model.cfg.tokens_per_image:
+    image_index_SB = jnp.full((rows,), -1, jnp.int32)
+  else:
+    image_index_SB = (model.image_index(prompt_ids) if prompt_index is None else prompt_index)[:, -1]
 
   def cond_fn(c: _Carry):
     return (c.step < spec.max_new_tokens) & ~jnp.all(c.state.done_B)
@@ -192,12 +207,15 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, lengths_B, s
 
 
 def generate(model: Decoder, vocab: Vocab, streams: list[list[np.ndarray]], spec: SamplerSpec,
-             knobs: SamplerKnobs, rng: jax.Array, state: C.ModalityState | None = None):
+             knobs: SamplerKnobs, rng: jax.Array, state: C.ModalityState | None = None,
+             image_index: list[list[np.ndarray]] | None = None):
   """Sample `spec.max_new_tokens` tokens after each prompt.
 
   `streams` holds `spec.num_streams` lists of B prompts (1-D global ids, each starting with
-  `<eos>`). Returns (tokens [B, max_new_tokens] int32 padded with `<pad>` after a row ends,
-  done [B] bool).
+  `<eos>`). `image_index`: the prompts' image indices, shaped like `streams` (CM3 prompts whose
+  codes are not in raster order, e.g. `prompts.image_infill`); None counts them from the ids.
+  Returns (tokens [B, max_new_tokens] int32 padded with `<pad>` after a row ends, done [B]
+  bool).
   """
   if len(streams) != spec.num_streams:
     raise InputError(f"{len(streams)} prompt streams given, the sampler expects "
@@ -210,13 +228,14 @@ def generate(model: Decoder, vocab: Vocab, streams: list[list[np.ndarray]], spec
     raise InputError(f"decoding.top_k={spec.top_k}: must be >= 0 (0 = off)")
   if spec.num_streams >= 2 and spec.cdk_k < 1:
     raise InputError(f"decoding.cdk_k={spec.cdk_k}: must be >= 1")
-  prompts = pad_prompts(streams, model.cfg.seq_len, spec.max_new_tokens)
+  prompts = pad_prompts(streams, model.cfg.seq_len, spec.max_new_tokens, image_index)
   batch = len(streams[0])
   if state is None:
     stream0 = np.stack([np.roll(row, n) for row, n in zip(prompts.ids[:batch], prompts.lengths_B)])
     state = C.initial_state(vocab, stream0, prompts.lengths_B, spec.tokens_per_image)
   graphdef, params = nnx.split(model)
+  index = None if prompts.image_index is None else jnp.asarray(prompts.image_index)
   out_BT, done_B = _generate(graphdef, params, prompts.ids, prompts.segment_ids, prompts.positions,
-                             jnp.asarray(prompts.lengths_B), state, rng, knobs, spec=spec,
+                             index, jnp.asarray(prompts.lengths_B), state, rng, knobs, spec=spec,
                              vocab=vocab)
   return np.asarray(out_BT), np.asarray(done_B)

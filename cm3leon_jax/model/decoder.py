@@ -161,8 +161,9 @@ class Decoder(nnx.Module):
   def embed_tokens(self, inputs_BL, positions_BL, image_index_BL=None):
     """Token + position (+ image-position) embeddings -> x_BLD in the compute dtype.
 
-    image_index_BL: `image_index(inputs_BL)` of these tokens; computed here when None (a full
-    sequence), given by the sampler when decoding one token at a time."""
+    image_index_BL: the tokens' image raster indices; computed here from the ids when None
+    (a full sequence of whole images), given by the pipeline (CM3 moves codes away from their
+    place) and by the sampler (one token at a time). Only image tokens use it."""
     # Gather the embedding dimension first (as FSDP does for every weight) but keep the vocab
     # split: without this, GSPMD replicates the whole lookup ("involuntary full remat").
     table = self.shard(self.embed[...], ("vocab", None))
@@ -176,7 +177,10 @@ class Decoder(nnx.Module):
       # A run longer than an image (never in well-formed documents) reuses the last row.
       rows_BLD = jnp.take(table, jnp.clip(image_index_BL, 0, self.cfg.tokens_per_image - 1),
                           axis=0)
-      x_BLD = x_BLD + jnp.where((image_index_BL >= 0)[..., None], rows_BLD, 0)
+      # Image tokens only: an infilling prompt's last sentinel carries the index before its
+      # span (decode/prompts.py) so the sampler's count continues from there.
+      is_image_BL = (inputs_BL >= self.cfg.image_start) & (inputs_BL < self.cfg.image_end)
+      x_BLD = x_BLD + jnp.where((is_image_BL & (image_index_BL >= 0))[..., None], rows_BLD, 0)
     return self.shard(x_BLD.astype(self.cfg.dtype), ("batch", "length", None))
 
   def logits(self, x_BLD):
@@ -202,13 +206,15 @@ class Decoder(nnx.Module):
       fn = jax.checkpoint(fn, policy=policy, prevent_cse=not cfg.scan_layers)
     return fn
 
-  def __call__(self, inputs_BL, positions_BL, segment_ids_BL):
+  def __call__(self, inputs_BL, positions_BL, segment_ids_BL, image_index_BL=None):
     """Full causal forward over packed rows -> logits_BLV (float32).
 
     inputs_BL: token ids; positions_BL: position of each token inside its segment (indexes
-    the learned position table); segment_ids_BL: 1, 2, ... per packed sequence, 0 = padding.
+    the learned position table); segment_ids_BL: 1, 2, ... per packed sequence, 0 = padding;
+    image_index_BL: each image code's raster index (the batch contract's `image_index`, exact
+    for CM3-masked sequences); None counts it from the ids (`image_index`).
     """
-    x_BLD = self.embed_tokens(inputs_BL, positions_BL)
+    x_BLD = self.embed_tokens(inputs_BL, positions_BL, image_index_BL)
     params = self.layers.arrays()
     fn = self.layer_fn()
     if self.cfg.scan_layers:

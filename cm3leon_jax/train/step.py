@@ -31,7 +31,7 @@ from cm3leon_jax.train.mesh import BATCH_AXES, batch_divisor, batch_sharding, ch
 from cm3leon_jax.train.optimizer import schedule
 
 BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "weights": np.float32,
-                "segment_ids": np.int32, "positions": np.int32}
+                "image_index": np.int32, "segment_ids": np.int32, "positions": np.int32}
 
 
 def check_batch_arrays(batch: dict, config, batch_size: int | None = None) -> None:
@@ -104,7 +104,7 @@ def _microbatches(batch: dict, accum: int) -> dict:
 
 def _forward_sums(model_def, params, mb: dict, vocab: Vocab, z_loss: float) -> dict:
   model = nnx.merge(model_def, params)
-  logits_BLV = model(mb["inputs"], mb["positions"], mb["segment_ids"])
+  logits_BLV = model(mb["inputs"], mb["positions"], mb["segment_ids"], mb["image_index"])
   return loss_sums(logits_BLV, mb["targets"], mb["weights"], vocab, z_loss)
 
 

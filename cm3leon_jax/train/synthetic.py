@@ -2,8 +2,9 @@
 
 A batch is a dict of numpy arrays, all [B, L] with L = config.model.seq_len:
   inputs int32, targets int32 (next tokens), weights float32 (0 on padding and on the target
-  that would cross into the next packed sequence), segment_ids int32 (1, 2, ... per packed
-  sequence, 0 = padding), positions int32 (position inside its segment).
+  that would cross into the next packed sequence), image_index int32 (raster index of each
+  image code, -1 elsewhere), segment_ids int32 (1, 2, ... per packed sequence, 0 = padding),
+  positions int32 (position inside its segment).
 
 Sequences look like the real ones: `<eos> text <break> image <break> text <eos>` with ids from
 the shared vocabulary, packed back to back, the row's tail padded. Used until (and beside)
@@ -16,6 +17,7 @@ import grain
 import numpy as np
 
 from cm3leon_jax.configs.base import tokens_per_image
+from cm3leon_jax.data import cm3
 from cm3leon_jax.tokenizers.vocab import Vocab
 
 
@@ -28,9 +30,10 @@ def _sequence(vocab: Vocab, rng: np.random.Generator, image_tokens: int, max_len
   return ids[:max_len]
 
 
-def pack_row(sequences, seq_len: int) -> dict:
+def pack_row(sequences, seq_len: int, vocab: Vocab) -> dict:
   """Pack token sequences (each >= 2 tokens) into one row of the batch contract."""
   inputs = np.zeros(seq_len, np.int32)
+  image_index = np.full(seq_len, -1, np.int32)
   targets = np.zeros(seq_len, np.int32)
   weights = np.zeros(seq_len, np.float32)
   segment_ids = np.zeros(seq_len, np.int32)
@@ -41,13 +44,14 @@ def pack_row(sequences, seq_len: int) -> dict:
     if at + n > seq_len:
       break
     inputs[at:at + n] = ids[:-1]
+    image_index[at:at + n] = cm3.image_index(ids[:-1], vocab)
     targets[at:at + n] = ids[1:]
     weights[at:at + n] = 1.0
     segment_ids[at:at + n] = seg
     positions[at:at + n] = np.arange(n)
     at += n
-  return dict(inputs=inputs, targets=targets, weights=weights, segment_ids=segment_ids,
-              positions=positions)
+  return dict(inputs=inputs, targets=targets, weights=weights, image_index=image_index,
+              segment_ids=segment_ids, positions=positions)
 
 
 def synthetic_batch(config, batch_size: int, seed: int) -> dict:
@@ -63,7 +67,7 @@ def synthetic_batch(config, batch_size: int, seed: int) -> dict:
       ids = _sequence(vocab, rng, image_tokens, seq_len + 1)
       sequences.append(ids)
       used += len(ids) - 1
-    rows.append(pack_row(sequences, seq_len))
+    rows.append(pack_row(sequences, seq_len, vocab))
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
