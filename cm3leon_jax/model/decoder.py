@@ -151,7 +151,9 @@ class Decoder(nnx.Module):
     """[B, L] int32: each image token's index inside its run of image tokens, -1 elsewhere.
 
     A run starts after any non-image token (`<break>` opening an image, or the `<mask:k>` of a
-    CM3 span), so whole images count 0..N-1 in raster order."""
+    CM3 span), so whole images count 0..N-1 in raster order. Codes that CM3 moved (after a
+    body sentinel, or in the tail) are not at their raster places: for masked sequences the
+    pipeline gives the exact index (batch `image_index`, data/cm3.py)."""
     cfg = self.cfg
     is_image = (inputs_BL >= cfg.image_start) & (inputs_BL < cfg.image_end)
     count_BL = jnp.cumsum(is_image, axis=1, dtype=jnp.int32)
