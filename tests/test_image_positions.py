@@ -146,3 +146,13 @@ def test_infilling_writes_the_span_at_its_raster_places(model):
                    jnp.array([index[:ids.shape[1]]]))
   counted = model(ids, jnp.arange(ids.shape[1])[None], jnp.ones_like(ids))
   assert not np.allclose(explicit[0, -1], counted[0, -1])
+
+
+def test_an_image_index_that_does_not_match_the_prompt_is_an_error(model):
+  from cm3leon_jax.decode.sampler import pad_prompts
+  from cm3leon_jax.errors import InputError
+  prompt = np.array([VOCAB.eos_id, VOCAB.break_id, VOCAB.image_start], np.int32)
+  with pytest.raises(InputError, match="one index per prompt token"):
+    pad_prompts([[prompt]], 64, 4, image_index=[[np.array([-1, -1], np.int32)]])
+  padded = pad_prompts([[prompt]], 64, 4, image_index=[[np.array([-1, -1, 0], np.int32)]])
+  np.testing.assert_array_equal(padded.image_index, [[-1, -1, 0]])
