@@ -23,6 +23,8 @@ Costs O(L) numpy work plus O(n) Python steps; no per-token Python.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from cm3leon_jax.errors import InputError
@@ -105,19 +107,25 @@ def image_index(ids_L: np.ndarray, vocab: Vocab) -> np.ndarray:
   return np.where(is_image, count - last_other - 1, -1).astype(np.int32)
 
 
+def _layout(values_L: np.ndarray, starts: np.ndarray, ends: np.ndarray, sentinels: Sequence,
+            infill, eos) -> np.ndarray:
+  """The CM3 rearrangement of any per-token array: span i replaced by `sentinels[i]` in the
+  body, then `infill`, `sentinels[0]` span_0 ..., `eos` (nothing moves when there are no spans)."""
+  if len(starts) == 0:
+    return values_L.copy()
+  body, tail, previous = [], [[infill]], 0
+  for i, (start, end) in enumerate(zip(np.asarray(starts).tolist(), np.asarray(ends).tolist())):
+    body += [values_L[previous:start], [sentinels[i]]]
+    tail += [[sentinels[i]], values_L[start:end]]
+    previous = end
+  body.append(values_L[previous:])
+  return np.concatenate(body + tail + [[eos]]).astype(values_L.dtype)
+
+
 def span_sources(length: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
   """Where each token of `apply_spans`'s output comes from: its position in the unmasked
   sequence of `length` tokens, or -1 for the sentinels, `<infill>` and `<eos>` it adds; int64."""
-  source = np.arange(length)
-  if len(starts) == 0:
-    return source
-  body, tail, previous = [], [[-1]], 0
-  for start, end in zip(np.asarray(starts).tolist(), np.asarray(ends).tolist()):
-    body += [source[previous:start], [-1]]
-    tail += [[-1], source[start:end]]
-    previous = end
-  body.append(source[previous:])
-  return np.concatenate(body + tail + [[-1]]).astype(np.int64)
+  return _layout(np.arange(length, dtype=np.int64), starts, ends, [-1] * len(starts), -1, -1)
 
 
 def masked_image_index(ids_L: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -139,21 +147,14 @@ def apply_spans(ids_L: np.ndarray, starts: np.ndarray, ends: np.ndarray,
     return ids_L.copy()
   if n > vocab.num_sentinels:
     raise InputError(f"{n} spans need {n} sentinels; the vocabulary has {vocab.num_sentinels}")
-  sentinels = [np.array([vocab.sentinel_id(i)], np.int32) for i in range(n)]
-  body, tail = [], [np.array([vocab.infill_id], np.int32)]
-  previous = 0
-  for i, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
-    body += [ids_L[previous:start], sentinels[i]]
-    tail += [sentinels[i], ids_L[start:end]]
-    previous = end
-  body.append(ids_L[previous:])
-  tail.append(np.array([vocab.eos_id], np.int32))
-  return np.concatenate(body + tail)
+  return _layout(ids_L, starts, ends, [vocab.sentinel_id(i) for i in range(n)], vocab.infill_id,
+                 vocab.eos_id)
 
 
 def mask(ids_L: np.ndarray, num_spans: int, rng: np.random.Generator, vocab: Vocab) -> np.ndarray:
   """The CM3 transform of one sequence with (up to) `num_spans` spans; int32 [L + 2n + 2]."""
-  return mask_with_index(ids_L, num_spans, rng, vocab)[0]
+  starts, ends = choose_spans(np.asarray(ids_L), num_spans, rng, vocab)
+  return apply_spans(ids_L, starts, ends, vocab)
 
 
 def mask_with_index(ids_L: np.ndarray, num_spans: int, rng: np.random.Generator,

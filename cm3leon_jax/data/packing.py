@@ -6,7 +6,8 @@ Two modes (`config.data.packing`):
 - padding: one example per row, padded to L.
 
 Padding carries `<pad>` ids, weight 0, image index -1 and segment id 0. Because each example
-already holds its own next-token targets (`assembly.Assembler.example`), no target ever crosses a segment boundary.
+already holds its own next-token targets (`assembly.Assembler.example`), no target ever crosses
+a segment boundary.
 """
 
 from __future__ import annotations

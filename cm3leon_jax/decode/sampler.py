@@ -167,6 +167,8 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, prompt_index
   batch = rows // spec.num_streams
   cache = init_cache(model, rows, width + spec.max_new_tokens)
   layers = layer_params(model)  # sliced once here, not in every step of the loop
+  if model.cfg.tokens_per_image and prompt_index is None:
+    prompt_index = model.image_index(prompt_ids)  # once, for the prefill and the loop's start
   logits, cache = forward_cached(model, cache, prompt_ids, prompt_pos, prompt_seg, jnp.int32(0),
                                  layers, prompt_index)
   rng, key = jax.random.split(rng)
@@ -176,10 +178,8 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, prompt_index
   next_pos_SB = prompt_pos[:, -1] + 1  # position of the first generated token, per row
   # The index before the next image token: an infilling prompt's last sentinel carries the
   # index before its span (decode/prompts.py), so the span's codes get their raster places.
-  if not model.cfg.tokens_per_image:
-    image_index_SB = jnp.full((rows,), -1, jnp.int32)
-  else:
-    image_index_SB = (model.image_index(prompt_ids) if prompt_index is None else prompt_index)[:, -1]
+  image_index_SB = (prompt_index[:, -1] if model.cfg.tokens_per_image
+                    else jnp.full((rows,), -1, jnp.int32))
 
   def cond_fn(c: _Carry):
     return (c.step < spec.max_new_tokens) & ~jnp.all(c.state.done_B)
