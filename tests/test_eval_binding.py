@@ -92,3 +92,18 @@ def test_continuation_nll_rejects_rows_longer_than_the_window():
   model = random_decoder(config)
   with pytest.raises(InputError, match="window"):
     continuation_nll(model, [np.ones(config.model.seq_len, int)], [np.ones(2, int)])
+
+
+def test_binding_stage_with_no_scenes_asked_for_is_an_error():
+  from cm3leon_jax.eval import suite
+  config = configs.load("tiny", ["eval.num_binding=0"])
+  with pytest.raises(InputError, match="num_binding=0"):
+    suite.binding(config, None, None, lambda split: [])
+
+
+def test_image_nll_of_codes_of_the_wrong_shape_is_an_error():
+  from cm3leon_jax.decode.api import Generator
+  config = configs.load("tiny")
+  generator = Generator(config, None, None, None)  # the check runs before any model call
+  with pytest.raises(InputError, match=r"expected \[1, 16\]"):
+    generator.image_nll(["a red circle"], np.zeros((1, 3), int))
