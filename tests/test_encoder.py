@@ -113,6 +113,58 @@ def test_info_nce_is_log_batch_for_uninformative_and_zero_for_perfect_embeddings
   assert float(loss) < 1e-6 and float(acc) == 1.0
 
 
+def test_a_hard_negative_equal_to_the_caption_costs_half_log_2_and_an_invalid_one_nothing():
+  # One pair, perfectly aligned: plain InfoNCE is 0. A valid negative identical to the true
+  # text ties it in the image -> text softmax: that half of the loss becomes log 2.
+  e = jnp.eye(1, 2)
+  loss, _ = info_nce(e, e, 1.0, neg_text_BE=e, neg_valid_B=jnp.array([True]))
+  assert float(loss) == pytest.approx(0.5 * np.log(2), rel=1e-5)
+  loss, _ = info_nce(e, e, 1.0, neg_text_BE=e, neg_valid_B=jnp.array([False]))
+  assert float(loss) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pairs_get_their_caption_with_one_word_swapped_as_a_hard_negative(config, tokenizer):
+  hard = configs.load("tiny", ["retrieval.hard_negatives=1.0",
+                               "retrieval.swap_groups=('red green blue yellow',)"])
+  batch = next(iter(train_encoder.pair_dataset(Quadrants(16), tokenizer, hard, 16, seed=0)))
+  for ids, mask, neg_ids, neg_mask in zip(batch["ids"], batch["mask"], batch["neg_ids"],
+                                          batch["neg_mask"]):
+    text = tokenizer.decode(ids[mask].tolist())
+    neg = tokenizer.decode(neg_ids[neg_mask].tolist())
+    colour = text.split()[1]
+    assert neg != text and neg.split()[1] in COLOURS and neg.split()[1] != colour
+    assert neg.replace(neg.split()[1], colour) == text  # only the colour word changed
+  plain = next(iter(train_encoder.pair_dataset(Quadrants(16), tokenizer, config, 16, seed=0)))
+  assert "neg_ids" not in plain
+
+
+def test_a_caption_with_no_swappable_word_gets_no_hard_negative(tokenizer):
+  hard = configs.load("tiny", ["retrieval.hard_negatives=1.0",
+                               "retrieval.swap_groups=('circle cross',)"])
+  batch = next(iter(train_encoder.pair_dataset(Quadrants(8), tokenizer, hard, 8, seed=0)))
+  assert not batch["neg_mask"].any()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["retrieval.hard_negatives=1.5"], "hard_negatives=1.5: a probability"),
+    (["retrieval.hard_negatives=0.5", "retrieval.swap_groups=('red',)"],
+     "needs --config.retrieval.swap_groups"),
+])
+def test_bad_hard_negative_settings_are_clear_errors(tokenizer, overrides, message):
+  with pytest.raises(InputError, match=message):
+    train_encoder.pair_dataset(Quadrants(8), tokenizer, configs.load("tiny", overrides), 8, 0)
+
+
+def test_a_conv_stem_keeps_the_image_embedding_a_unit_vector(tokenizer):
+  stem = configs.load("tiny", ["retrieval.image_stem=4"])
+  mesh = make_mesh(stem.mesh)
+  model, _ = train_encoder.init_sharded(stem, mesh, steps=10)
+  assert model.stem.kernel.shape == (3, 3, 3, 4)
+  emb = Embedder(model, tokenizer, mesh=mesh, batch_size=8)
+  out = emb.embed_images(np.stack([x["image"] for x in Quadrants(3).items]))
+  np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
 def test_temperature_starts_at_its_config_value(config):
   model, _ = train_encoder.init_sharded(config, make_mesh(config.mesh), steps=10)
   assert 1.0 / float(model.logit_scale()) == pytest.approx(config.retrieval.temperature_init)

@@ -8,26 +8,8 @@ from cm3leon_jax import configs
 from cm3leon_jax.data import shapes
 from cm3leon_jax.decode.likelihood import continuation_nll
 from cm3leon_jax.errors import InputError
-from cm3leon_jax.eval.binding import binding, swap_word
+from cm3leon_jax.eval.binding import binding
 from tests.eval_fixtures import random_decoder
-
-
-@pytest.mark.parametrize("caption, old, new, expected", [
-    ("a red circle at the top left", "red", "orange", "an orange circle at the top left"),
-    ("An orange square in the centre", "orange", "red", "A red square in the centre"),
-    ("a small red circle", "red", "blue", "a small blue circle"),
-    ("there is a cyan cross, large, at the top", "large", "small",
-     "there is a cyan cross, small, at the top"),
-])
-def test_swap_word_replaces_the_word_and_keeps_the_article_grammatical(caption, old, new,
-                                                                      expected):
-  assert swap_word(caption, old, new) == expected
-
-
-def test_swap_word_needs_exactly_one_whole_word_occurrence():
-  assert swap_word("a red circle and a red square", "red", "blue") is None
-  assert swap_word("a blue circle", "red", "green") is None
-  assert swap_word("a reddish circle", "red", "green") is None
 
 
 def _scene(colour, shape, size="small"):

@@ -7,6 +7,8 @@ Sizes derived from others (the vocabulary size, tokens per image) are computed b
 
 import ml_collections
 
+from cm3leon_jax.data import shapes
+
 # Logical axis name -> mesh axes. One table for parameters and activations (MaxText style).
 DEFAULT_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
@@ -96,7 +98,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.retrieval.image_layers = 6
   c.retrieval.image_width = 512
   c.retrieval.image_heads = 8
+  c.retrieval.image_stem = 0  # channels of a 3x3 conv before the patches; 0: a plain ViT
   c.retrieval.temperature_init = 0.07
+  # Hard negatives (NegCLIP, data/word_swap.py): with this probability a pair also gets its
+  # caption with one word of `swap_groups` swapped, an extra negative for its image. 0 = CLIP.
+  c.retrieval.hard_negatives = 0.0
+  c.retrieval.swap_groups = (" ".join(shapes.COLOUR_NAMES), " ".join(shapes.SHAPES),
+                             " ".join(shapes.SIZE_NAMES))
   c.retrieval.learning_rate = 5e-4
   c.retrieval.batch_size = 1024
   c.retrieval.steps = 50000

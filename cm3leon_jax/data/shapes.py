@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cm3leon_jax.data.word_swap import article
 from cm3leon_jax.errors import InputError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -323,10 +324,6 @@ def relation(a: Obj, b: Obj) -> str:
   horizontal = ("to the left of" if a.col < b.col else
                 "to the right of" if a.col > b.col else "")
   return " and ".join(p for p in (vertical, horizontal) if p)
-
-
-def article(word: str) -> str:
-  return "an" if word[0] in "aeiou" else "a"
 
 
 def _phrase(obj: Obj, rng: np.random.Generator) -> str:

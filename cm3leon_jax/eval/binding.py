@@ -12,31 +12,15 @@ cheaply (one forward pass per caption).
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Sequence
 
 import numpy as np
 
 from cm3leon_jax.data import shapes
+from cm3leon_jax.data.word_swap import swap_word
 from cm3leon_jax.errors import InputError
 
 ATTRIBUTES = {"colour": shapes.COLOUR_NAMES, "shape": shapes.SHAPES, "size": shapes.SIZE_NAMES}
-
-
-def swap_word(caption: str, old: str, new: str) -> str | None:
-  """`caption` with its one whole-word `old` replaced by `new` (a preceding "a"/"an" follows
-  the new word); None when `old` does not occur exactly once."""
-  pattern = re.compile(rf"\b(?:(an?|An?) )?{re.escape(old)}\b")
-  if len(pattern.findall(caption)) != 1:
-    return None
-
-  def replace(m: re.Match) -> str:
-    if m.group(1) is None:
-      return new
-    art = shapes.article(new)
-    return (art.capitalize() if m.group(1)[0].isupper() else art) + " " + new
-
-  return pattern.sub(replace, caption)
 
 
 def binding(image_nll: Callable[[Sequence[str], np.ndarray], np.ndarray], captions: Sequence[str],

@@ -41,13 +41,14 @@ class EncoderConfig:
   image_heads: int
   embed_dim: int
   temperature_init: float
+  image_stem: int = 0  # channels of a 3x3 conv stem before the patches (0: none, plain ViT)
 
   @classmethod
   def from_config(cls, config) -> "EncoderConfig":
     r = config.retrieval
     out = cls(config.vocab.text_size, r.text_max_len, r.text_width, r.text_layers, r.text_heads,
               config.vq.image_size, r.image_patch, r.image_width, r.image_layers, r.image_heads,
-              r.embed_dim, r.temperature_init)
+              r.embed_dim, r.temperature_init, int(r.image_stem))
     if out.image_size % out.image_patch:
       raise InputError(f"--config.retrieval.image_patch={out.image_patch} does not divide the "
                        f"image size {out.image_size} (vq.image_size)")
@@ -123,7 +124,16 @@ class DualEncoder(nnx.Module):
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")))
     self.text = Tower(cfg.text_max_len, cfg.text_width, cfg.text_layers, cfg.text_heads,
                       cfg.embed_dim, rngs=rngs)
-    patch_dim = cfg.image_patch * cfg.image_patch * 3
+    channels = 3
+    if cfg.image_stem > 0:
+      # Early convolutions (Xiao et al. 2021): edge detectors at full resolution before the
+      # patches, so an object's outline inside a patch survives the linear patch embedding.
+      self.stem = nnx.Conv(3, cfg.image_stem, (3, 3), padding="SAME", rngs=rngs,
+                           kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                                             (None, None, None, "embed")),
+                           bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",)))
+      channels = cfg.image_stem
+    patch_dim = cfg.image_patch * cfg.image_patch * channels
     self.patch_embed = _linear(patch_dim, cfg.image_width, (None, "embed"), rngs)
     self.image = Tower(cfg.num_patches, cfg.image_width, cfg.image_layers, cfg.image_heads,
                        cfg.embed_dim, rngs=rngs)
@@ -138,6 +148,9 @@ class DualEncoder(nnx.Module):
     p = self.cfg.image_patch
     B, H, W, C = pixels_BHWC.shape
     x = pixels_BHWC.astype(jnp.float32) / 127.5 - 1.0
+    if self.cfg.image_stem > 0:
+      x = jax.nn.gelu(self.stem(x))
+      C = x.shape[-1]
     x_BPK = x.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(
         B, (H // p) * (W // p), p * p * C)
     if patch_mask_BP is None:
@@ -170,11 +183,22 @@ def document_embedding(text_BE=None, image_BE=None, has_text_B=None, has_image_B
   return total / np.asarray(count)[:, None]
 
 
-def info_nce(text_BE, image_BE, logit_scale):
-  """Symmetric InfoNCE over the (global) batch; pair i is text i with image i."""
+def info_nce(text_BE, image_BE, logit_scale, neg_text_BE=None, neg_valid_B=None):
+  """Symmetric InfoNCE over the (global) batch; pair i is text i with image i.
+
+  neg_text_BE (optional): hard-negative texts (NegCLIP), extra columns of every image's
+  image -> text softmax; rows where neg_valid_B is False are left out. Text -> image is
+  unchanged (a hard negative has no image of its own).
+  """
   logits_BB = logit_scale * image_BE @ text_BE.T
   labels = jnp.arange(logits_BB.shape[0])
-  lp_i2t = jax.nn.log_softmax(logits_BB, axis=1)
+  logits_i2t = logits_BB
+  if neg_text_BE is not None:
+    neg_BB = logit_scale * image_BE @ neg_text_BE.T
+    if neg_valid_B is not None:
+      neg_BB = jnp.where(neg_valid_B[None, :], neg_BB, -jnp.inf)
+    logits_i2t = jnp.concatenate([logits_BB, neg_BB], axis=1)
+  lp_i2t = jax.nn.log_softmax(logits_i2t, axis=1)
   lp_t2i = jax.nn.log_softmax(logits_BB, axis=0)
   loss = -0.5 * (lp_i2t[labels, labels].mean() + lp_t2i[labels, labels].mean())
   accuracy = (jnp.argmax(logits_BB, axis=0) == labels).mean()  # text -> image top-1

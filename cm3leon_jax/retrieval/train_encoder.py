@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
+from cm3leon_jax.data import word_swap
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.paths import artifacts
 from cm3leon_jax.retrieval.encoder import DualEncoder, EncoderConfig, Embedder, info_nce, tokenize
@@ -65,13 +66,27 @@ def init_sharded(config, mesh, steps: int, seed: int = 0):
 
 
 # --- Input pipeline -------------------------------------------------------------------------
-class _Prepare(grain.transforms.Map):
-  def __init__(self, tokenizer, max_len):
-    self.tokenizer, self.max_len = tokenizer, max_len
+class _Prepare(grain.transforms.RandomMap):
+  """Tokenise a pair; with probability `hard_negatives`, also its caption with one word of
+  `groups` swapped (an all-False neg_mask when there is none)."""
 
-  def map(self, example):
-    ids, mask = tokenize(self.tokenizer, [example["text"]], self.max_len)
-    return {"ids": ids[0], "mask": mask[0], "image": np.asarray(example["image"], np.uint8)}
+  def __init__(self, tokenizer, max_len, hard_negatives=0.0, groups=()):
+    self.tokenizer, self.max_len = tokenizer, max_len
+    self.hard_negatives, self.groups = float(hard_negatives), word_swap.parse_groups(groups)
+
+  def random_map(self, example, rng: np.random.Generator):
+    text = example["text"]
+    text = text.decode("utf-8") if isinstance(text, (bytes, np.bytes_)) else str(text)
+    out = {"image": np.asarray(example["image"], np.uint8)}
+    ids, mask = tokenize(self.tokenizer, [text], self.max_len)
+    out["ids"], out["mask"] = ids[0], mask[0]
+    if self.hard_negatives > 0:
+      neg = None
+      if rng.random() < self.hard_negatives:
+        neg = word_swap.random_swap(text, self.groups, rng)
+      ids, mask = tokenize(self.tokenizer, [neg or ""], self.max_len)
+      out["neg_ids"], out["neg_mask"] = ids[0], mask[0] & (neg is not None)
+    return out
 
 
 def pair_dataset(source, tokenizer, config, local_batch: int, seed: int) -> grain.IterDataset:
@@ -81,14 +96,27 @@ def pair_dataset(source, tokenizer, config, local_batch: int, seed: int) -> grai
     raise InputError(f"the training set has {len(source)} pairs, fewer than one batch of "
                      f"{local_batch} (--config.retrieval.batch_size)")
   ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-  ds = ds.shuffle(seed=seed).repeat(None).map(_Prepare(tokenizer, config.retrieval.text_max_len))
-  return ds.batch(local_batch, drop_remainder=True).to_iter_dataset()
+  r = config.retrieval
+  if not 0.0 <= r.hard_negatives <= 1.0:
+    raise InputError(f"--config.retrieval.hard_negatives={r.hard_negatives}: a probability, "
+                     "expected 0..1")
+  if r.hard_negatives > 0 and not word_swap.parse_groups(r.swap_groups):
+    raise InputError("--config.retrieval.hard_negatives > 0 needs --config.retrieval.swap_groups "
+                     "with a group of at least two words")
+  prepare = _Prepare(tokenizer, r.text_max_len, r.hard_negatives, r.swap_groups)
+  ds = ds.shuffle(seed=seed).repeat(None).random_map(prepare, seed=seed)
+  # A few batches ahead is enough: grain's default (16 threads, 500 elements = 500 batches
+  # here) kept building batches the run never used, on the cores the train step needs.
+  return ds.batch(local_batch, drop_remainder=True).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
 # --- Update step ----------------------------------------------------------------------------
-def make_train_step(graphdef, state_shardings, mesh):
+def make_train_step(graphdef, state_shardings, mesh, hard_negatives: bool = False):
   batch_shardings = {"ids": mesh_lib.batch_sharding(mesh, 2), "mask": mesh_lib.batch_sharding(mesh, 2),
                      "image": mesh_lib.batch_sharding(mesh, 4)}
+  if hard_negatives:
+    batch_shardings.update(neg_ids=batch_shardings["ids"], neg_mask=batch_shardings["mask"])
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
@@ -96,7 +124,11 @@ def make_train_step(graphdef, state_shardings, mesh):
     def loss_fn(model):
       text_BE = model.embed_text(batch["ids"], batch["mask"])
       image_BE = model.embed_image(batch["image"])
-      return info_nce(text_BE, image_BE, model.logit_scale())
+      if not hard_negatives:
+        return info_nce(text_BE, image_BE, model.logit_scale())
+      neg_BE = model.embed_text(batch["neg_ids"], batch["neg_mask"])
+      return info_nce(text_BE, image_BE, model.logit_scale(), neg_BE,
+                      batch["neg_mask"].any(axis=1))
 
     (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
@@ -145,7 +177,7 @@ def train(config, source, tokenizer, directory: str | None = None, steps: int | 
     nnx.update(optimizer, restored["optimizer"])
     graphdef, state = nnx.split((model, optimizer))
 
-  step_fn = make_train_step(graphdef, state_shardings, mesh)
+  step_fn = make_train_step(graphdef, state_shardings, mesh, hard_negatives=r.hard_negatives > 0)
   metrics_path = os.path.join(directory, "metrics.jsonl")
   last = {}
   bar = tqdm(range(start, steps), initial=start, total=steps, desc="train-retriever",
