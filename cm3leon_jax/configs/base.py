@@ -179,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.decoding.top_p = 0.9
   c.decoding.top_k = 0
   c.decoding.cfg_weight = 3.0
-  c.decoding.cdk_k = 8
+  c.decoding.cdk_k = 8  # the quickstart measured k=8 drawing junk on a small decoder; it uses 1
   c.decoding.cdk_alpha = 0.5
   c.decoding.num_candidates = 8
   c.decoding.pool = "mixed"  # top_p | cdk | mixed

@@ -3,6 +3,7 @@
 No pretrained CLIP can be downloaded here, so the project trains its own (train_encoder.py):
 - text tower: a pre-LN transformer over the text tokenizer's local ids, masked mean pool;
 - image tower: a ViT over uint8 pixels (patches of `image_patch` px), masked mean pool;
+  optionally a 3x3 conv stem (`image_stem` channels) before the patches;
 - each tower ends in a linear map to `embed_dim`, L2-normalised; a learnable temperature
   (stored as log(1/T), CLIP's clamp at 100) scales the InfoNCE logits.
 A document embedding is the mean of its normalised text and image embeddings (either alone for
