@@ -4,10 +4,11 @@
 
 Reads image-text pairs (the dataset's train split), tokenises captions with the project's text
 tokenizer (with `retrieval.hard_negatives`, also each caption with one `swap_groups` word
-swapped: an extra negative of its image, NegCLIP), and trains data-parallel on the config's ('data', 'fsdp', 'tensor') mesh: the global
-batch is split over data x fsdp, parameters follow the logical axis rules, and the InfoNCE
-logits span the whole global batch (XLA gathers the embeddings). Orbax checkpoints hold the
-model, the optimizer and the Grain iterator, so an interrupted run resumes exactly.
+swapped: an extra negative of its image, NegCLIP), and trains data-parallel on the config's
+('data', 'fsdp', 'tensor') mesh: the global batch is split over data x fsdp, parameters follow
+the logical axis rules, and the InfoNCE logits span the whole global batch (XLA gathers the
+embeddings). Orbax checkpoints hold the model, the optimizer and the Grain iterator, so an
+interrupted run resumes exactly.
 Checkpoints and metrics.jsonl go to `artifacts(config).retriever`.
 """
 
