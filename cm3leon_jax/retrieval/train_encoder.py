@@ -80,14 +80,16 @@ class _Prepare(grain.transforms.RandomMap):
     text = example["text"]
     text = text.decode("utf-8") if isinstance(text, (bytes, np.bytes_)) else str(text)
     out = {"image": np.asarray(example["image"], np.uint8)}
-    ids, mask = tokenize(self.tokenizer, [text], self.max_len)
+    if self.hard_negatives <= 0:
+      ids, mask = tokenize(self.tokenizer, [text], self.max_len)
+      out["ids"], out["mask"] = ids[0], mask[0]
+      return out
+    neg = None
+    if rng.random() < self.hard_negatives:
+      neg = word_swap.random_swap(text, self.groups, rng)
+    ids, mask = tokenize(self.tokenizer, [text, neg or ""], self.max_len)  # one batched call
     out["ids"], out["mask"] = ids[0], mask[0]
-    if self.hard_negatives > 0:
-      neg = None
-      if rng.random() < self.hard_negatives:
-        neg = word_swap.random_swap(text, self.groups, rng)
-      ids, mask = tokenize(self.tokenizer, [neg or ""], self.max_len)
-      out["neg_ids"], out["neg_mask"] = ids[0], mask[0] & (neg is not None)
+    out["neg_ids"], out["neg_mask"] = ids[1], mask[1] & (neg is not None)
     return out
 
 
