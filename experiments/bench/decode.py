@@ -71,6 +71,7 @@ from cm3leon_jax.decode import prompts as P  # noqa: E402
 from cm3leon_jax.decode.sampler import SamplerSpec, generate, make_knobs, pad_prompts  # noqa: E402
 from cm3leon_jax.model.decoder import Decoder, DecoderConfig, param_count  # noqa: E402
 from cm3leon_jax.tokenizers.vocab import Vocab  # noqa: E402
+from experiments.bench.torch_peer import import_peers  # noqa: E402
 
 TARGET_RATIO = 3.0
 TARGET_BOUND_FRACTION = 0.5
@@ -187,8 +188,8 @@ class TorchRunner:
   """Hugging Face OPTForCausalLM of the same shape, `generate` with its KV cache."""
 
   def __init__(self, config, vocab: Vocab, prompts: list[P.Prompt], guided: bool,
-               new_tokens: int, cfg_weight: float, threads: str):
-    import torch
+               new_tokens: int, cfg_weight: float, threads: str, device: str = "cpu"):
+    torch, _ = import_peers()
     from transformers import OPTConfig, OPTForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -203,17 +204,25 @@ class TorchRunner:
                     pad_token_id=vocab.pad_id, bos_token_id=vocab.eos_id,
                     eos_token_id=vocab.eos_id)
     torch.manual_seed(0)
-    self.model = OPTForCausalLM(opt).eval()
-    self.ids = torch.tensor(np.stack([p.cond for p in prompts]), dtype=torch.long)
+    self.device = torch.device(device)
+    if self.device.type == "cuda":
+      # JAX's default float32 matmul precision on a GPU uses TF32; let torch do the same.
+      torch.backends.cuda.matmul.allow_tf32 = True
+    self.model = OPTForCausalLM(opt).eval().to(self.device)
+    self.ids = torch.tensor(np.stack([p.cond for p in prompts]), dtype=torch.long,
+                            device=self.device)
     self.kwargs = dict(attention_mask=torch.ones_like(self.ids), do_sample=True, temperature=1.0,
                        top_p=1.0, top_k=0, use_cache=True, min_new_tokens=new_tokens,
                        max_new_tokens=new_tokens, pad_token_id=vocab.pad_id)
     if guided:
-      neg = torch.tensor(np.stack([p.uncond for p in prompts]), dtype=torch.long)
+      neg = torch.tensor(np.stack([p.uncond for p in prompts]), dtype=torch.long,
+                         device=self.device)
       self.kwargs.update(guidance_scale=cfg_weight, negative_prompt_ids=neg,
                          negative_prompt_attention_mask=torch.ones_like(neg))
     self.new_tokens = new_tokens
-    self.threads = self._choose_threads(threads)
+    # On a GPU the host threads only launch kernels: no probe.
+    self.threads = (self._choose_threads(threads) if self.device.type == "cpu"
+                    else torch.get_num_threads())
     torch.set_num_threads(self.threads)
 
   def _step_time(self, threads: int, steps: int = 8) -> float:
@@ -245,12 +254,18 @@ class TorchRunner:
   def warm_up(self) -> None:
     with self.torch.inference_mode():
       self.model.generate(self.ids, **{**self.kwargs, "min_new_tokens": 4, "max_new_tokens": 4})
+    self._sync()
+
+  def _sync(self) -> None:
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize()
 
   def run(self) -> float:
     self.torch.set_num_threads(self.threads)
     with self.torch.inference_mode():
       start, cpu = time.perf_counter(), time.process_time()
       out = self.model.generate(self.ids, **self.kwargs)
+      self._sync()
       seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if out.shape[1] != self.ids.shape[1] + self.new_tokens:
       raise RuntimeError(f"HF generate returned {out.shape[1] - self.ids.shape[1]} new tokens")
@@ -259,8 +274,7 @@ class TorchRunner:
 
 def _torch_available() -> bool:
   try:
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
+    import_peers()
   except ImportError:
     return False
   return True
@@ -276,7 +290,7 @@ def bench_row(config, model, vocab, batch, guided, args, use_torch) -> Row:
   torch_runner = None
   if use_torch:
     torch_runner = TorchRunner(config, vocab, prompts, guided, n_image + 1, args.cfg_weight,
-                               args.torch_threads)
+                               args.torch_threads, args.torch_device)
     torch_runner.warm_up()
   repeats = args.repeats if batch < 8 else min(args.repeats, args.repeats_large)
   jax_times, jax_cpu, torch_times, torch_cpu, out = [], [], [], [], None
@@ -381,6 +395,8 @@ def parse_args(argv=None):
   parser.add_argument("--no-cfg", action="store_true", help="only the rows without guidance")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--torch-threads", default="auto", help="'auto' or a number")
+  parser.add_argument("--torch-device", default="auto",
+                      help="'auto' (CUDA when JAX runs on a GPU and torch sees one), 'cpu', 'cuda'")
   parser.add_argument("--jax-single-thread", action="store_true",
                       help="run XLA's CPU backend on one thread (only when run as a script)")
   parser.add_argument("--bandwidth", action="store_true",
@@ -395,6 +411,10 @@ def main(argv=None) -> dict:
   config, extra = load_config(args.config, list(args.override), args.prompt_len)
   vocab = Vocab.from_config(config)
   use_torch = not args.no_torch and _torch_available()
+  if use_torch and args.torch_device == "auto":
+    import torch
+    args.torch_device = ("cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available()
+                         else "cpu")
   m = config.model
   load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
   xla_threads = ("1 thread" if SINGLE_THREAD_FLAGS in os.environ.get("XLA_FLAGS", "")
@@ -405,10 +425,9 @@ def main(argv=None) -> dict:
   if args.jax_single_thread and xla_threads != "1 thread":
     print("note: --jax-single-thread ignored: jax was imported before the flag could be set")
   if use_torch:
-    import torch
-    import transformers
+    torch, transformers = import_peers()
     print(f"peer: torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"OPTForCausalLM.generate (threads: {args.torch_threads})")
+          f"OPTForCausalLM.generate on {args.torch_device} (threads: {args.torch_threads})")
   elif not args.no_torch:
     print("peer: torch/transformers not importable (pip install -r requirements-bench.txt)")
   print(f"model: {args.config} ({', '.join(extra + list(args.override)) or 'no overrides'}): "

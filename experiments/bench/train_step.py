@@ -21,6 +21,7 @@ On a GPU (when JAX sees one) the script instead reports MFU of the `cm3leon_350m
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -38,6 +39,7 @@ from cm3leon_jax.train.mesh import global_batch, make_mesh  # noqa: E402
 from cm3leon_jax.train.state import init_train_state  # noqa: E402
 from cm3leon_jax.train.step import make_train_step  # noqa: E402
 from cm3leon_jax.train.synthetic import synthetic_batch  # noqa: E402
+from experiments.bench.torch_peer import import_peers  # noqa: E402
 
 
 def jax_runner(config):
@@ -61,7 +63,7 @@ def jax_runner(config):
 
 
 def torch_runner(config):
-  import torch
+  torch, _ = import_peers()
   from transformers import OPTConfig, OPTForCausalLM
   m, cfg = config.model, DecoderConfig.from_config(config)
   torch.manual_seed(0)
@@ -159,26 +161,52 @@ def cpu_table(args):
           f"MFU target >= 40% of the measured peak")
 
 
-def gpu_table(args):
+def gpu_row(args, batch: int, remat: str, attention: str) -> str:
   config = configs.load("cm3leon_350m", ["mesh.data=1", "mesh.fsdp=-1",
-                                        f"train.batch_size={args.gpu_batch}",
-                                        "model.attention=cudnn",
-                                        f"model.remat_policy={args.gpu_remat}", *args.override])
+                                        f"train.batch_size={batch}",
+                                        f"model.attention={attention}",
+                                        f"model.remat_policy={remat}", *args.override])
   cfg = DecoderConfig.from_config(config)
+  t0 = time.perf_counter()
   run = jax_runner(config)
   run(args.warmup)
+  compile_s = time.perf_counter() - t0
   ts, loss = run(args.steps * args.rounds)
   step_s = statistics.median(ts)
   device = jax.devices()[0]
   peak, source = flops.peak_flops_per_device(device)
-  flops_step = flops.train_flops_per_step(cfg, config.train.batch_size)
+  flops_step = flops.train_flops_per_step(cfg, batch)
   util = flops.mfu(flops_step, step_s, jax.device_count(), peak)
-  tokens = config.train.batch_size * cfg.seq_len
-  print(f"| preset | device | batch | remat | step s | tokens/s | MFU ({source}) | loss |")
-  print("|---|---|---|---|---|---|---|---|")
-  print(f"| cm3leon_350m | {device.device_kind} x{jax.device_count()} | {config.train.batch_size} "
-        f"| {config.model.remat_policy} | {step_s:.3f} | {tokens / step_s:.0f} | "
-        f"{100 * util:.1f}% | {loss:.3f} |")
+  tokens = batch * cfg.seq_len
+  return (f"| cm3leon_350m | {device.device_kind} x{jax.device_count()} | {batch} | {remat} | "
+          f"{attention} | {compile_s:.0f} | {step_s:.3f} | {tokens / step_s:.0f} | "
+          f"{100 * util:.1f}% ({source}) | {loss:.3f} |")
+
+
+def gpu_table(args):
+  """MFU of the 350M preset, one row per `--gpu-variants` entry (batch:remat[:attention])."""
+  device = jax.devices()[0]
+  measured = flops.measure_matmul_peak.__wrapped__(8192, "bfloat16", 10)
+  print(f"device: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}; "
+        f"measured bf16 8192^3 matmul {measured / 1e12:.0f} TFLOP/s", flush=True)
+  rows = []
+  for variant in args.gpu_variants:
+    batch, remat, *rest = variant.split(":")
+    attention = rest[0] if rest else "cudnn"
+    try:
+      rows.append(gpu_row(args, int(batch), remat, attention))
+    except Exception as e:  # an OOM or a backend failure costs one row, not the table
+      rows.append(f"| cm3leon_350m | {device.device_kind} | {batch} | {remat} | {attention} | "
+                  f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |||||")
+    print(rows[-1], flush=True)
+    gc.collect()
+    jax.clear_caches()
+  print("\n| preset | device | batch | remat | attention | compile s | step s | tokens/s | "
+        "MFU | loss |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("\n".join(rows))
+  print(f"MFU target >= 45% of the chip's bf16 peak; measured matmul {measured / 1e12:.0f} "
+        "TFLOP/s for reference")
 
 
 def main():
@@ -189,8 +217,8 @@ def main():
   p.add_argument("--steps", type=int, default=3, help="timed steps per framework per round")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--skip-torch", action="store_true")
-  p.add_argument("--gpu-batch", type=int, default=8)
-  p.add_argument("--gpu-remat", default="dots_saveable")
+  p.add_argument("--gpu-variants", nargs="+", default=["8:dots_saveable"],
+                 help="GPU rows, each batch:remat[:attention] (attention default cudnn)")
   args = p.parse_args()
   if jax.default_backend() == "gpu":
     gpu_table(args)
