@@ -5,13 +5,15 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl \
-#     ml_collections==1.1.0 grain==0.2.18 array_record==0.8.6 flax==0.12.8 portpicker
+#     ml_collections==1.1.0 grain==0.2.18 array_record==0.8.6 portpicker
+# (not flax: the image's flax matches its jax; flax 0.12.8 fails to import on jax 0.11.2)
 # then run `bash experiments/bench/gpu_checks.sh` there. Logs go to $OUT (or /tmp/gpu_checks).
 # Each part has its own time limit so one failure still leaves the other's table.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
+  rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD

@@ -15,7 +15,15 @@ reported. MFU uses the analytic model FLOPs of cm3leon_jax/train/flops.py for bo
 attention counted as half of full attention).
 
 On a GPU (when JAX sees one) the script instead reports MFU of the `cm3leon_350m` preset
-(bf16, cuDNN attention) against the chip's bf16 peak from flops.PEAK_FLOPS.
+(seq 4096, bf16, cuDNN attention) against the chip's bf16 peak from flops.PEAK_FLOPS, one row
+per `--gpu-variants` entry (batch:remat[:attention]); `experiments/bench/gpu_checks.sh` runs it.
+
+Measured on one H200 (2026-11-27, jax 0.11.2 + cuda13, flax 0.12.10; bf16 8192^3 matmul 653
+TFLOP/s measured, table peak 989): MFU 22.5-24.7%, 79-87k tokens/s, over batch 4-16 and remat
+none / dots_saveable / nothing_saveable (best: batch 8, no remat, 0.377 s per step). 245
+TFLOP/s of model FLOPs is 37% of the measured matmul rate: the 45% target is not met, and
+where the rest goes (the float32 [B, L, 65536] logits and loss, the norms and elementwise
+work between matmuls) has not been profiled.
 """
 
 from __future__ import annotations
