@@ -183,8 +183,11 @@ def test_cudnn_path_matches_reference():
   """Same `jax.nn.dot_product_attention` call as on GPU (its XLA implementation on CPU)."""
   q, k, v, seg = _qkv()
   idx = jnp.broadcast_to(jnp.arange(128), (2, 128))
-  out = A.cudnn_attention(q, k, v, A.attention_mask(seg, seg, idx, idx))
-  np.testing.assert_allclose(out, A.attention(q, k, v, seg, seg, backend="xla"), atol=1e-5)
+  mask = A.attention_mask(seg, seg, idx, idx)
+  ref = A.attention(q, k, v, seg, seg, backend="xla")
+  np.testing.assert_allclose(A.cudnn_attention(q, k, v, mask), ref, atol=1e-5)
+  # Self-attention passes is_causal too (block skipping); the segment mask still applies.
+  np.testing.assert_allclose(A.cudnn_attention(q, k, v, mask, is_causal=True), ref, atol=1e-5)
 
 
 def test_splash_kernel_matches_reference_with_segment_ids():

@@ -105,10 +105,12 @@ def chunked_causal_attention(q_BLHK, k_BLHK, v_BLHK, mask_BLL, chunk: int = 128)
   return to_bhlk(jnp.concatenate(outs, axis=2))
 
 
-def cudnn_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS):
+def cudnn_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS, is_causal: bool = False):
+  """`is_causal` (self-attention only) lets the kernel skip the upper triangle block-wise; the
+  boolean mask (which cuDNN reads as a bias) still carries the packing segments."""
   implementation = "cudnn" if jax.default_backend() == "gpu" else None
   return jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, mask=mask_BLS[:, None],
-                                      implementation=implementation)
+                                      is_causal=is_causal, implementation=implementation)
 
 
 def _splash_kernel(seq_len: int, num_heads: int, interpret: bool):
@@ -169,7 +171,8 @@ def attention(q_BLHK, k_BSHK, v_BSHK, q_segment_ids_BL, kv_segment_ids_BS,
     return splash_attention(q_BLHK, k_BSHK, v_BSHK, q_segment_ids_BL, kv_segment_ids_BS)
   mask_BLS = attention_mask(q_segment_ids_BL, kv_segment_ids_BS, q_index_BL, kv_index_BS)
   if backend == "cudnn" and q_BLHK.dtype in (jnp.bfloat16, jnp.float16):
-    return cudnn_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS)
+    return cudnn_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS,
+                           is_causal=self_attention and L == S)
   if self_attention and L == S and L > XLA_CHUNK:
     return chunked_causal_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS, XLA_CHUNK)
   return xla_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS)
