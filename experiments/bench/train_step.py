@@ -18,12 +18,21 @@ On a GPU (when JAX sees one) the script instead reports MFU of the `cm3leon_350m
 (seq 4096, bf16, cuDNN attention) against the chip's bf16 peak from flops.PEAK_FLOPS, one row
 per `--gpu-variants` entry (batch:remat[:attention]); `experiments/bench/gpu_checks.sh` runs it.
 
-Measured on one H200 (2026-11-27, jax 0.11.2 + cuda13, flax 0.12.10; bf16 8192^3 matmul 653
-TFLOP/s measured, table peak 989): MFU 22.5-24.7%, 79-87k tokens/s, over batch 4-16 and remat
-none / dots_saveable / nothing_saveable (best: batch 8, no remat, 0.377 s per step). 245
-TFLOP/s of model FLOPs is 37% of the measured matmul rate: the 45% target is not met, and
-where the rest goes (the float32 [B, L, 65536] logits and loss, the norms and elementwise
-work between matmuls) has not been profiled.
+Measured on one H200 (2026-11-27, jax 0.11.2 + cuda13, flax 0.12.10; bf16 8192^3 matmul
+624-653 TFLOP/s measured, table peak 989), model FLOPs per step over the table peak:
+
+| batch | remat | attention | step s | tokens/s | MFU |
+|---|---|---|---|---|---|
+| 8 | none | cuDNN, dense mask only | 0.377 | 86,811 | 24.7% |
+| 4 / 16 | none / dots_saveable | cuDNN, dense mask only | 0.193 / 0.804 | 84,748 / 81,504 | 24.1 / 23.2% |
+| 8 | nothing_saveable | cuDNN, dense mask only | 0.414 | 79,221 | 22.5% |
+| 8 | none | cuDNN, mask + is_causal (current) | 0.304 | 107,853 | **30.7%** |
+| 8 | dots_saveable | cuDNN, mask + is_causal (current) | 0.313 | 104,813 | 29.8% |
+| 8 | none | xla (chunked) | out of memory (245 GiB asked) | | |
+
+The 45% target is not met. Passing `is_causal` lets cuDNN skip the upper triangle (+24%);
+the packing mask still reaches cuDNN as a dense [B, 1, L, L] bias. Not profiled: what the
+rest costs (the float32 [B, L, 65536] logits and loss, the norms and elementwise work).
 """
 
 from __future__ import annotations
