@@ -24,7 +24,9 @@ Measured on one H200 (2026-11-27, jax 0.11.2 + cuda13, flax 0.12.10; bf16 8192^3
 | batch | remat | attention | step s | tokens/s | MFU |
 |---|---|---|---|---|---|
 | 8 | none | cuDNN, dense mask only | 0.377 | 86,811 | 24.7% |
-| 4 / 16 | none / dots_saveable | cuDNN, dense mask only | 0.193 / 0.804 | 84,748 / 81,504 | 24.1 / 23.2% |
+| 4 | none | cuDNN, dense mask only | 0.193 | 84,748 | 24.1% |
+| 16 | dots_saveable | cuDNN, dense mask only | 0.804 | 81,504 | 23.2% |
+| 8 | dots_saveable | cuDNN, dense mask only | 0.407 | 80,434 | 22.9% |
 | 8 | nothing_saveable | cuDNN, dense mask only | 0.414 | 79,221 | 22.5% |
 | 8 | none | cuDNN, mask + is_causal (current) | 0.304 | 107,853 | **30.7%** |
 | 8 | dots_saveable | cuDNN, mask + is_causal (current) | 0.313 | 104,813 | 29.8% |
@@ -234,7 +236,7 @@ def main():
   p.add_argument("--steps", type=int, default=3, help="timed steps per framework per round")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--skip-torch", action="store_true")
-  p.add_argument("--gpu-variants", nargs="+", default=["8:dots_saveable"],
+  p.add_argument("--gpu-variants", nargs="+", default=["8:none", "8:dots_saveable"],
                  help="GPU rows, each batch:remat[:attention] (attention default cudnn)")
   args = p.parse_args()
   if jax.default_backend() == "gpu":
