@@ -92,6 +92,7 @@ def test_quickstart_suite_end_to_end_on_a_tiny_random_stack(tmp_path):
     assert all(0.0 <= v <= 1.0 for v in scores.values())
   assert metrics["captioning"]["reference_recall"]["all"] == 1.0
   assert metrics["infilling"]["code_rows"] == [1, 3]  # 16 px, 4x4 codes, middle row
+  assert metrics["infilling"]["num_candidates"] == 2  # re-ranked like text-to-image
   # 4 prompts, 8 real reference images, 4 more for the floor of the 8 candidates: 16 needed.
   assert len(heldout) >= 16 and t2i["fid"]["num_real"] == 8
   assert t2i["fid"]["best"]["fid"] >= 0 and t2i["fid"]["best"]["floor"] >= 0

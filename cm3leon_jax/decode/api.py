@@ -221,15 +221,27 @@ class Generator:
     return self._decode_text(prompts_, temperature, seed)
 
   def infill_image(self, images_BHWC, captions: Sequence[str] | None, region_mask_N, *,
-                   temperature: float | None = None, seed: int = 0) -> np.ndarray:
-    """Regenerate the codes under `region_mask_N` (one contiguous raster run) of each image."""
+                   temperature: float | None = None, num_candidates: int = 1,
+                   seed: int = 0) -> np.ndarray:
+    """Regenerate the codes under `region_mask_N` (one contiguous raster run) of each image.
+
+    `num_candidates` > 1 draws that many infills per image and keeps the one the dual encoder
+    scores highest against the image's caption (the text-to-image pools' re-ranking); it needs
+    captions and a retriever.
+    """
+    n = int(num_candidates)
+    if n < 1:
+      raise InputError(f"num_candidates={n}: must be >= 1")
+    if n > 1 and (not captions or self.retriever is None):
+      raise InputError(f"num_candidates={n}: re-ranking infills needs captions and the dual "
+                       "encoder (retriever)")
     codes = self.image_tokenizer.encode(images_BHWC)
     region = np.asarray(region_mask_N, bool).reshape(-1)
     prompts_ = []
     for b, c in enumerate(codes):
       caption = captions[b] if captions else None
       tokens = self.text_tokenizer.encode(caption) if caption else None
-      prompts_.append(P.image_infill(self.vocab, tokens, c, region, self.n_image))
+      prompts_ += [P.image_infill(self.vocab, tokens, c, region, self.n_image)] * n
     span = prompts_[0].image_span
     state = C.initial_state(self.vocab, np.zeros((len(prompts_), 1), np.int32),
                             np.ones(len(prompts_), np.int32), self.n_image,
@@ -241,9 +253,15 @@ class Generator:
                                     else temperature, top_p=d.top_p),
                          jax.random.key(seed), state=state,
                          image_index=[[p.image_index for p in prompts_]])
-    out = codes.copy()
+    out = np.repeat(codes, n, axis=0)  # image-major: image b's candidates are rows b*n..b*n+n-1
     out[:, region] = self.vocab.ids_to_image(tokens[:, :span])
-    return self.image_tokenizer.decode(out)
+    images = self.image_tokenizer.decode(out)
+    if n == 1:
+      return images
+    texts = [c for c in captions for _ in range(n)]
+    scores_BN = np.asarray(self.retriever.embedder.score(images, texts)).reshape(len(codes), n)
+    return images.reshape(len(codes), n, *images.shape[1:])[np.arange(len(codes)),
+                                                              scores_BN.argmax(1)]
 
   def infill_text(self, befores: Sequence[str], afters: Sequence[str], *, temperature: float = 0.0,
                   seed: int = 0) -> list[str]:

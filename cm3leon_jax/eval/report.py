@@ -147,7 +147,10 @@ def _infilling(m: dict) -> list[str]:
   out = ["## Image infilling", "",
          f"{m['num_images']} eval images with an object in grid row {m['grid_row']}; code rows "
          f"{r0}..{r1 - 1} ({_pct(m['masked_fraction'])} of the image) are masked and regenerated "
-         "through `<infill> <mask:0>` from the rest of the image and the caption. Analyzer "
+         "through `<infill> <mask:0>` from the rest of the image and the caption"
+         + (f" ({m['num_candidates']} infills per image, the best re-ranked by the dual encoder "
+            "against the caption)" if m.get("num_candidates", 1) > 1 else "")
+         + ". Analyzer "
          "accuracy against the true scene, beside two references: *band erased* = the original "
          "pixels with the band painted over in the background colour (what infilling must add "
          "to); *VQ reconstruction* = the whole image encoded and decoded, nothing masked (the "

@@ -208,8 +208,10 @@ def infilling(config, generator, embedder, records: Records) -> tuple[dict, dict
   region = np.zeros((grid, grid), bool)
   region[r0:r1] = True
   y0, y1 = r0 * size // grid, r1 * size // grid
+  # Re-ranked like text-to-image: eval.num_candidates infills per image, the dual encoder's pick.
+  n = int(config.eval.num_candidates) if generator.retriever is not None else 1
   infilled = generator.infill_image(images, [r["text"] for r in chosen], region.reshape(-1),
-                                    seed=int(config.eval.seed))
+                                    num_candidates=n, seed=int(config.eval.seed))
   erased = images.copy()
   for image, scene in zip(erased, scenes):
     image[y0:y1] = shapes.BACKGROUNDS[scene.background]
@@ -217,7 +219,7 @@ def infilling(config, generator, embedder, records: Records) -> tuple[dict, dict
   masked[:, y0:y1] = MASK_GREY
   reconstructed = tok.decode(tok.encode(images))
   return {
-      "num_images": len(chosen), "grid_row": row, "code_rows": [r0, r1],
+      "num_images": len(chosen), "grid_row": row, "code_rows": [r0, r1], "num_candidates": n,
       "masked_fraction": (r1 - r0) / grid,
       "accuracy": attributes.image_accuracy(infilled, scenes),
       "erased": attributes.image_accuracy(erased, scenes),
