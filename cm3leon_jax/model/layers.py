@@ -80,10 +80,14 @@ class KV(NamedTuple):
 def project_qkv(p: dict, x_BLD, dtype, qk_norm: bool, shard: Sharder):
   """Pre-LN and the q/k/v projections: [B, L, D] -> three [B, L, H, K]."""
   h_BLD = layer_norm(x_BLD)
-  # One matmul for q, k and v (a wider GEMM runs closer to peak than three narrow ones).
-  w_D3HK = jnp.stack([p["wq"], p["wk"], p["wv"]], axis=1).astype(dtype)
-  y_3BLHK = jnp.einsum("BLD,DTHK->TBLHK", h_BLD, w_D3HK)
-  q_BLHK, k_BLHK, v_BLHK = (shard(y_3BLHK[i], ("batch", "length", "heads", "kv"))
+  # One matmul for q, k and v (a wider GEMM runs closer to peak than three narrow ones). The
+  # stacked weight [D, H, 3, K] is a plain [D, 3HK] matrix and the output keeps [B, L] first, so
+  # no operand is transposed: with the q/k/v axis first ("...->TBLHK") XLA copied the weights
+  # into a transposed layout inside every decode step. Heads stay the major factor of the
+  # fused output axis, so a heads-sharded weight stays sharded.
+  w_DHTK = jnp.stack([p["wq"], p["wk"], p["wv"]], axis=2).astype(dtype)
+  y_BLHTK = jnp.einsum("BLD,DHTK->BLHTK", h_BLD, w_DHTK)
+  q_BLHK, k_BLHK, v_BLHK = (shard(y_BLHTK[:, :, :, i], ("batch", "length", "heads", "kv"))
                             for i in range(3))
   if qk_norm:  # Chameleon's stabiliser; parameter-free like every norm here
     q_BLHK, k_BLHK = layer_norm(q_BLHK), layer_norm(k_BLHK)
