@@ -102,3 +102,17 @@ def test_every_task_writes_a_grid_the_images_and_a_jsonl(tmp_path):
       images = [np.asarray(Image.open(out / r["output"])) for r in lines]
       assert all(im.shape == (16, 16, 3) for im in images)
   assert [r["rows"] for r in records] == [[1, 3], [0, 2]]  # default band, then the prompt's own
+
+
+def test_infill_pool_needs_a_caption_for_every_prompt(tmp_path):
+  config = configs.load("tiny")
+  generator, _ = tiny_generator(config, str(tmp_path / "bank"))
+  path = str(tmp_path / "in.png")
+  Image.fromarray(shapes.render(shapes.scene_at(0, 0, "eval"), 16)).save(path)
+  prompts = [{"image": path, "text": "a red circle"}, {"image": path, "text": None}]
+  with pytest.raises(InputError, match="infill prompt 2 has no caption"):
+    generate_cli.generate("infill", generator, prompts, str(tmp_path / "out"), num_candidates=2)
+  # Captioned prompts: a re-ranked pool of 2 per image.
+  records = generate_cli.generate("infill", generator, prompts[:1], str(tmp_path / "out"),
+                                  num_candidates=2)
+  assert len(records) == 1

@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--rows", default=None, metavar="START:END",
                  help="infill: code rows to regenerate (default: the middle third)")
   p.add_argument("--num-candidates", type=int, default=None,
-                 help="text-to-image pool per prompt (default: decoding.num_candidates)")
+                 help="candidates per prompt, the best re-ranked by the dual encoder (text-to-image "
+                      "and captioned infills; default: decoding.num_candidates)")
   p.add_argument("--num-retrieved", type=int, default=None,
                  help="documents retrieved per prompt (default: decoding.num_retrieved; 0 = off)")
   p.add_argument("--seed", type=int, default=None, help="default: decoding.seed")
@@ -180,12 +181,20 @@ def generate(task: str, generator, prompts: Sequence[dict], out_dir: str, *, row
     g = generator.image_tokenizer.grid
     bands = [parse_rows(p.get("rows", rows), g, f"prompt {i + 1}") for i, p in enumerate(prompts)]
     outputs = np.zeros_like(images)
+    # Re-ranked pools as for text-to-image, when every prompt has a caption to rank against.
+    captioned = all((p["text"] or "").strip() for p in prompts)
+    if num_candidates is not None and num_candidates > 1 and not captioned:
+      first = next(i for i, p in enumerate(prompts) if not (p["text"] or "").strip())
+      raise InputError(f"--num-candidates={num_candidates}: infill prompt {first + 1} has no "
+                       "caption to re-rank its candidates against")
+    n = num_candidates if num_candidates is not None else (
+        config.decoding.num_candidates if captioned and generator.retriever is not None else 1)
     for band in sorted(set(bands)):  # one decode call per band: the span length is static
       idx = [i for i, b in enumerate(bands) if b == band]
       region = np.zeros((g, g), bool)
       region[band[0]:band[1]] = True
       outputs[idx] = generator.infill_image(images[idx], [prompts[i]["text"] for i in idx],
-                                            region.reshape(-1), seed=seed or 0)
+                                            region.reshape(-1), num_candidates=n, seed=seed or 0)
     masked = images.copy()
     size = images.shape[1]
     for image, (r0, r1) in zip(masked, bands):
