@@ -42,14 +42,25 @@ for the while loop, tried with --xla_gpu_enable_command_buffer=...,WHILE,CONDITI
 by 1%. The full 4,096-slot cache is attended every step (403 MB, not the 54 MB counted).
 After the q/k/v change below (1.55x on the CPU), the same GPU gave 1.297 ms/token: unchanged.
 
-Measured (2-core shared CPU, bench preset, load 5-14): JAX/HF tokens/s 0.5-1.4x at batch 1
-without CFG, ~1.1-1.7x with CFG, 1.0-1.1x at batch 8 without, 1.4-1.6x with CFG: the 3x target
-is not met. Both sides are bound by reading the same 134 MB of float32 weights per token at
-batch 1; JAX wins with CFG because both streams share one forward. Known JAX-side costs left:
-XLA's CPU dots transpose every layer's K and V cache to [H, K, S] each step, the static cache
-is attended in full (about twice the written slots on average), and Gumbel sampling draws V
-random numbers per row per step. The XLA CPU thread pool hurts on a loaded machine
-(--jax-single-thread: 21 instead of 33 CPU-s per batch-1 image).
+Measured on a quiet 2-core CPU (2026-11-27, load 1.2-2.0, torch on 2 threads), after the q/k/v
+projection stopped copying its stacked weights into a transposed layout inside every decode
+step (same load before/after: 35 -> 23 s per batch-1 image):
+
+| batch | CFG | JAX tok/s | s/image | HF tok/s | s/image | ratio |
+|---|---|---|---|---|---|---|
+| 1 | no | 85.7 | 11.96 | 96.5 | 10.63 | 0.89x |
+| 1 | yes | 86.6 | 11.84 | 48.7 | 21.05 | 1.78x |
+| 8 | no | 287.8 | 3.56 | 204.3 | 5.02 | 1.41x |
+| 8 | yes | 193.5 | 5.30 | 113.8 | 9.01 | 1.70x |
+
+The 3x target is not met on this CPU (earlier runs, loaded machine: 0.5-1.4x / 1.1-1.7x /
+1.0-1.1x / 1.4-1.6x). At batch 1 both sides read the same 134 MB of float32 weights per token
+(~10 ms/token each: the memory bandwidth of this machine); JAX wins with CFG because both
+streams share one forward. Tried and rejected: keys cached transposed ([B, H, K, S]) so the
+score dot reads them as stored: 29 s instead of 23 s per image. Known JAX-side costs left:
+XLA's CPU dot copies every layer's keys to [H, K, S] each step, the static cache is attended in
+full (about twice the written slots on average), and Gumbel sampling draws V random numbers per
+row per step. The XLA CPU thread pool hurts on a loaded machine (--jax-single-thread).
 """
 
 from __future__ import annotations
