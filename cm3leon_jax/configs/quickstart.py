@@ -6,7 +6,7 @@
 codebook); a 512-entry byte-level BPE text tokenizer; a small dual encoder (conv stem, hard
 negatives); a 4-layer d=128 decoder with image-position embeddings trained 2800 steps of
 4 x 384-token retrieval-augmented CM3 sequences. Budget: the whole run within 15 minutes on
-2 CPU cores (13.8 min measured); `<workdir>/report.md` lists the wall time of every stage and
+2 CPU cores (13.2 min measured); `<workdir>/report.md` lists the wall time of every stage and
 the scores (issue 9 tracks the accuracy target).
 """
 
