@@ -13,7 +13,9 @@ Backends (`config.model.attention`):
   than XLA_CHUNK skips the masked upper triangle chunk by chunk (`chunked_causal_attention`);
   `xla_attention` is the plain reference.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (flash attention on NVIDIA
-  GPUs; half precision only, float32 falls back to "xla") with the same boolean mask. On other platforms the same call runs JAX's XLA
+  GPUs; half precision only, float32 falls back to "xla") with the same boolean mask, plus
+  `is_causal` for self-attention so the kernel skips the upper triangle (+24% train-step
+  throughput of the 350M preset on an H200). On other platforms the same call runs JAX's XLA
   implementation, which is how the CPU tests check it against the reference.
 - "splash": Pallas splash attention on TPU (segment ids in the kernel, causal block skipping),
   under `shard_map` so each device runs the kernel on its own batch and head shard.
