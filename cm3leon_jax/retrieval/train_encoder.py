@@ -80,16 +80,15 @@ class _Prepare(grain.transforms.RandomMap):
     text = example["text"]
     text = text.decode("utf-8") if isinstance(text, (bytes, np.bytes_)) else str(text)
     out = {"image": np.asarray(example["image"], np.uint8)}
-    if self.hard_negatives <= 0:
-      ids, mask = tokenize(self.tokenizer, [text], self.max_len)
-      out["ids"], out["mask"] = ids[0], mask[0]
-      return out
+    with_negative = self.hard_negatives > 0
     neg = None
-    if rng.random() < self.hard_negatives:
+    if with_negative and rng.random() < self.hard_negatives:
       neg = word_swap.random_swap(text, self.groups, rng)
-    ids, mask = tokenize(self.tokenizer, [text, neg or ""], self.max_len)  # one batched call
+    texts = [text, neg or ""] if with_negative else [text]
+    ids, mask = tokenize(self.tokenizer, texts, self.max_len)  # one batched call
     out["ids"], out["mask"] = ids[0], mask[0]
-    out["neg_ids"], out["neg_mask"] = ids[1], mask[1] & (neg is not None)
+    if with_negative:
+      out["neg_ids"], out["neg_mask"] = ids[1], mask[1] & (neg is not None)
     return out
 
 
