@@ -14,6 +14,11 @@ Rounds alternate JAX and PyTorch so a change in the machine's load hits both; me
 reported. MFU uses the analytic model FLOPs of cm3leon_jax/train/flops.py for both (causal
 attention counted as half of full attention).
 
+Measured on this 2-core CPU (2026-11-27, quiet, `python experiments/bench/train_step.py`):
+JAX 9.497 s per step (431 tokens/s, 35.3% of the 276.5 GFLOP/s measured peak) vs PyTorch OPT
+5.311 s (771 tokens/s, 63.2%): 0.56x, the >= 1.0 target not met (earlier runs: 1.17x, 0.80x).
+Run alone, JAX took 6.3-7.0 s per step in the same hour: interleaving with torch slows it.
+
 On a GPU (when JAX sees one) the script instead reports MFU of the `cm3leon_350m` preset
 (seq 4096, bf16, cuDNN attention) against the chip's bf16 peak from flops.PEAK_FLOPS, one row
 per `--gpu-variants` entry (batch:remat[:attention]); `experiments/bench/gpu_checks.sh` runs it.
