@@ -208,7 +208,7 @@ def test_cached_style_indices_equal_self_attention():
 
 def test_auto_backend_per_platform():
   assert A.resolve_backend("auto", "cpu") == "xla"
-  assert A.resolve_backend("auto", "gpu") == "cudnn"
+  assert A.resolve_backend("auto", "gpu") == "cudnn_packed"
   assert A.resolve_backend("auto", "tpu") == "splash"
   with A.compiling_for_tpu():
     assert A.resolve_backend("auto") == "splash"
@@ -233,3 +233,76 @@ def test_chunked_causal_attention_matches_reference():
   grads = [jax.grad(lambda q: jnp.sum(jnp.sin(f(q, k, v, mask))))(q)
            for f in (A.xla_attention, lambda *a: A.chunked_causal_attention(*a, 32))]
   np.testing.assert_allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_lm_head_backward_runs_in_the_compute_dtype():
+  """The head's gradients equal autodiff of the same float32-accumulated dot: exactly in float32;
+  in bfloat16 the cotangent is cast to bfloat16 first (the backward GEMMs run in bf16), so the
+  gradients agree to bf16 rounding and come out in the inputs' dtype."""
+  from cm3leon_jax.model.decoder import lm_head
+  rng = np.random.default_rng(0)
+  h = rng.normal(size=(2, 3, 8)).astype(np.float32)
+  w = rng.normal(size=(16, 8)).astype(np.float32)
+  g = rng.normal(size=(2, 3, 16)).astype(np.float32)
+  plain = lambda h, w: jnp.einsum("BLD,VD->BLV", h, w, preferred_element_type=jnp.float32)
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 3e-2)):
+    hd, wd = jnp.asarray(h, dtype), jnp.asarray(w, dtype)
+    out, vjp = jax.vjp(lm_head, hd, wd)
+    ref_out, ref_vjp = jax.vjp(plain, hd, wd)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, ref_out)
+    for got, want, x in zip(vjp(jnp.asarray(g)), ref_vjp(jnp.asarray(g)), (hd, wd)):
+      assert got.dtype == x.dtype
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                 rtol=tol, atol=tol * 4)
+  # By hand, float32: d logits / d h = g @ w, d logits / d w = g^T h.
+  dh, dw = jax.vjp(lm_head, jnp.asarray(h), jnp.asarray(w))[1](jnp.asarray(g))
+  np.testing.assert_allclose(dh, np.einsum("blv,vd->bld", g, w), rtol=1e-5)
+  np.testing.assert_allclose(dw, np.einsum("blv,bld->vd", g, h), rtol=1e-5)
+
+
+def test_packed_layout_by_hand():
+  """Runs of segment ids -> cuDNN's packed layout: lengths and starts, -1 past the last run."""
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0, 0],
+                     [1, 1, 1, 1, 1, 1, 1, 1],
+                     [1, 2, 3, 4, 0, 0, 0, 0]], jnp.int32)
+  seqlen, offsets, fits = A.packed_layout(seg, max_segments=4)
+  np.testing.assert_array_equal(seqlen, [[3, 2, 3, -1], [8, -1, -1, -1], [1, 1, 1, 1]])
+  np.testing.assert_array_equal(offsets, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1],
+                                          [0, 1, 2, 3, -1]])
+  np.testing.assert_array_equal(fits, [True, True, False])  # row 3: 5 runs (padding is one)
+
+
+def test_packed_layout_describes_the_attention_mask():
+  """Causal attention inside each run of the layout is exactly `attention_mask`'s pattern."""
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 9, size=(3, 6))
+  rows = []
+  for row in lengths:
+    ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(row)])[:40]
+    rows.append(np.pad(ids, (0, 40 - len(ids))))
+  seg = jnp.asarray(np.stack(rows), jnp.int32)
+  seqlen, offsets, fits = A.packed_layout(seg, max_segments=8)
+  assert bool(jnp.all(fits))
+  run = np.full(seg.shape, -1)
+  for b in range(seg.shape[0]):
+    for m in range(seqlen.shape[1]):
+      if seqlen[b, m] > 0:
+        run[b, offsets[b, m]:offsets[b, m] + seqlen[b, m]] = m
+  assert (run >= 0).all()  # every token, padding included, lies in one run
+  index = np.broadcast_to(np.arange(40), seg.shape)
+  want = A.attention_mask(seg, seg, jnp.asarray(index), jnp.asarray(index))
+  got = (run[:, :, None] == run[:, None, :]) & (index[:, None, :] <= index[:, :, None])
+  np.testing.assert_array_equal(got, want)
+
+
+def test_cudnn_packed_backend_matches_reference_off_gpu():
+  """Off GPU "cudnn_packed" runs JAX's XLA attention with the mask: the reference's result."""
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 2, 8)), jnp.bfloat16) for _ in range(3))
+  seg = jnp.asarray([[1] * 10 + [2] * 4 + [0] * 2, [1] * 16], jnp.int32)
+  got = A.attention(q, k, v, seg, seg, backend="cudnn_packed")
+  index = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  want = A.xla_attention(q, k, v, A.attention_mask(seg, seg, index, index))
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=2e-2)

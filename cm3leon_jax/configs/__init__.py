@@ -120,7 +120,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat_policy": ("none", "dots_saveable", "nothing_saveable"),
-    "model.attention": ("auto", "xla", "cudnn", "splash"),
+    "model.attention": ("auto", "xla", "cudnn", "cudnn_packed", "splash"),
     "optimizer.decay": ("cosine", "linear", "constant"),
     "decoding.pool": ("top_p", "cdk", "mixed"),
 }

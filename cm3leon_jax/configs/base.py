@@ -142,7 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.scan_layers = True
   c.model.remat_policy = "nothing_saveable"  # none | dots_saveable | nothing_saveable
-  c.model.attention = "auto"  # auto | xla | cudnn | splash
+  c.model.attention = "auto"  # auto | xla | cudnn | cudnn_packed | splash
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.peak_lr = 6e-4

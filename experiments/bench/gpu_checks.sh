@@ -7,7 +7,8 @@
 #     --platform manylinux2014_x86_64 -d .whl \
 #     ml_collections==1.1.0 grain==0.2.18 array_record==0.8.6 portpicker
 # (not flax: the image's flax matches its jax; flax 0.12.8 fails to import on jax 0.11.2)
-# then run `bash experiments/bench/gpu_checks.sh` there. Logs go to $OUT (or /tmp/gpu_checks).
+# then run `bash experiments/bench/gpu_checks.sh` there (PARTS picks what runs, below).
+# Logs go to $OUT (or /tmp/gpu_checks).
 # Each part has its own time limit so one failure still leaves the other's table.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
@@ -21,10 +22,24 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv
 python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
-# Train step: MFU of cm3leon_350m (seq 4096, bf16, cuDNN attention), two remat/batch choices.
-timeout "${TRAIN_LIMIT:-170}" python3 experiments/bench/train_step.py --rounds 3 --steps 3 \
-  --gpu-variants 8:none 8:dots_saveable 2>&1 | tee "$OUT/train_step.log"
-# Decode: bench preset vs HF OPT generate on the same GPU (batch 1 and 8, +-CFG), then the
-# 350M bandwidth check. JAX leaves half the GPU's memory to torch.
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout "${DECODE_LIMIT:-230}" python3 \
-  experiments/bench/decode.py --repeats 2 --repeats-large 1 2>&1 | tee "$OUT/decode.log"
+# Parts (space-separated in PARTS): train (MFU rows of cm3leon_350m, one per TRAIN_VARIANTS entry
+# batch:remat[:attention]), decode (bench preset vs HF OPT generate on the same GPU, batch 1 and
+# 8, +-CFG, then the 350M bandwidth check), profile (experiments/bench/gpu_profile.py: device
+# time by kernel of the 350M train step and batch-1 decode).
+PARTS=${PARTS:-train decode}
+for part in $PARTS; do
+  case $part in
+    train)
+      timeout "${TRAIN_LIMIT:-170}" python3 experiments/bench/train_step.py --rounds 3 --steps 3 \
+        --gpu-variants ${TRAIN_VARIANTS:-8:none:cudnn_packed 8:none:cudnn_packed:model.scan_layers=false} ${TRAIN_ARGS:-} 2>&1 \
+        | tee "$OUT/train_step.log" ;;
+    decode)
+      # JAX leaves half the GPU's memory to torch.
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout "${DECODE_LIMIT:-230}" python3 \
+        experiments/bench/decode.py --repeats 2 --repeats-large 1 2>&1 | tee "$OUT/decode.log" ;;
+    profile)
+      timeout "${PROFILE_LIMIT:-200}" python3 experiments/bench/gpu_profile.py \
+        --trace-dir /tmp/gpu_profile ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" ;;
+    *) echo "unknown part $part (train, decode, profile)"; exit 2 ;;
+  esac
+done

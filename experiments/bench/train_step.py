@@ -21,25 +21,33 @@ Run alone, JAX took 6.3-7.0 s per step in the same hour: interleaving with torch
 
 On a GPU (when JAX sees one) the script instead reports MFU of the `cm3leon_350m` preset
 (seq 4096, bf16, cuDNN attention) against the chip's bf16 peak from flops.PEAK_FLOPS, one row
-per `--gpu-variants` entry (batch:remat[:attention]); `experiments/bench/gpu_checks.sh` runs it.
+per `--gpu-variants` entry (batch:remat[:attention[:overrides]]; attention "cudnn-nomask" is
+the mask-free upper bound); `experiments/bench/gpu_checks.sh` runs it.
 
 Measured on one H200 (2026-11-27, jax 0.11.2 + cuda13, flax 0.12.10; bf16 8192^3 matmul
-624-653 TFLOP/s measured, table peak 989), model FLOPs per step over the table peak:
+624-691 TFLOP/s measured, table peak 989), model FLOPs per step over the table peak; logs in
+experiments/results/gpu-h200-2026-11-27/:
 
 | batch | remat | attention | step s | tokens/s | MFU |
 |---|---|---|---|---|---|
 | 8 | none | cuDNN, dense mask only | 0.377 | 86,811 | 24.7% |
 | 4 | none | cuDNN, dense mask only | 0.193 | 84,748 | 24.1% |
 | 16 | dots_saveable | cuDNN, dense mask only | 0.804 | 81,504 | 23.2% |
-| 8 | dots_saveable | cuDNN, dense mask only | 0.407 | 80,434 | 22.9% |
 | 8 | nothing_saveable | cuDNN, dense mask only | 0.414 | 79,221 | 22.5% |
-| 8 | none | cuDNN, mask + is_causal (current) | 0.304 | 107,853 | **30.7%** |
-| 8 | dots_saveable | cuDNN, mask + is_causal (current) | 0.313 | 104,813 | 29.8% |
+| 8 | none | cuDNN, mask + is_causal | 0.291-0.304 | 107,853 | 30.7-32.0% |
+| 8 | none | same, LM head backward in bf16 (`lm_head`) | 0.277 | 118,430 | 33.7% |
+| 8 | none | cuDNN without the mask (upper bound, wrong across documents) | 0.253 | 129,634 | 36.9% |
+| 8 | none | **cudnn_packed** (the GPU default now) | 0.220 | 148,613 | **42.3%** |
+| 8 | none | cudnn_packed, `model.scan_layers=false` | 0.179 | 182,807 | **52.0%** |
 | 8 | none | xla (chunked) | out of memory (245 GiB asked) | | |
 
-The 45% target is not met. Passing `is_causal` lets cuDNN skip the upper triangle (+24%);
-the packing mask still reaches cuDNN as a dense [B, 1, L, L] bias. Not profiled: what the
-rest costs (the float32 [B, L, 65536] logits and loss, the norms and elementwise work).
+The 45% target is met with unrolled layers (52.0%), not with the scanned layers the presets
+use (42.3%). What moved it, from `experiments/bench/gpu_profile.py`'s kernel table: cuDNN read
+the packing mask as a [B, 1, L, L] bias and computed its gradient (cuDNN's packed layout, which
+takes per-row run offsets and lengths, removed both); the LM head's two backward GEMMs ran in
+float32/TF32 (26 ms of 291) because the logits are float32; the scanned loop runs the cuDNN
+forward kernel twice per layer (48 launches per step from one custom call in the HLO; not
+explained) and keeps float32 LayerNorm residuals stacked per layer, which unrolling avoids.
 """
 
 from __future__ import annotations
@@ -83,6 +91,11 @@ def jax_runner(config):
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     return times, float(metrics["loss"])
+
+  def hlo():
+    with jax.set_mesh(mesh):
+      return step.lower(holder["state"], batch).compile().as_text()
+  run.hlo = hlo
   return run
 
 
@@ -185,15 +198,33 @@ def cpu_table(args):
           f"MFU target >= 40% of the measured peak")
 
 
-def gpu_row(args, batch: int, remat: str, attention: str) -> str:
+def _cudnn_without_mask(q_BLHK, k_BSHK, v_BSHK, mask_BLS, is_causal=False):
+  """An upper bound, not a model: cuDNN causal attention that ignores the packing segments."""
+  del mask_BLS
+  return jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHK, is_causal=is_causal,
+                                      implementation="cudnn")
+
+
+def gpu_row(args, batch: int, remat: str, attention: str, extra: list[str]) -> str:
+  """One MFU row. attention "cudnn-nomask" times cuDNN without the packing mask (segments
+  ignored: wrong across documents) to bound what the dense mask costs; `extra` holds config
+  overrides of this row only. With --hlo-dir the optimised HLO of the step is written there."""
+  from cm3leon_jax.model import attention as A
+  nomask = attention == "cudnn-nomask"
   config = configs.load("cm3leon_350m", ["mesh.data=1", "mesh.fsdp=-1",
                                         f"train.batch_size={batch}",
-                                        f"model.attention={attention}",
-                                        f"model.remat_policy={remat}", *args.override])
+                                        f"model.attention={'cudnn' if nomask else attention}",
+                                        f"model.remat_policy={remat}", *args.override,
+                                        *extra])
   cfg = DecoderConfig.from_config(config)
   t0 = time.perf_counter()
-  run = jax_runner(config)
-  run(args.warmup)
+  A.cudnn_attention, saved = (_cudnn_without_mask if nomask else A.cudnn_attention,
+                              A.cudnn_attention)
+  try:
+    run = jax_runner(config)
+    run(args.warmup)
+  finally:
+    A.cudnn_attention = saved  # traced already: the compiled step keeps the variant
   compile_s = time.perf_counter() - t0
   ts, loss = run(args.steps * args.rounds)
   step_s = statistics.median(ts)
@@ -202,9 +233,49 @@ def gpu_row(args, batch: int, remat: str, attention: str) -> str:
   flops_step = flops.train_flops_per_step(cfg, batch)
   util = flops.mfu(flops_step, step_s, jax.device_count(), peak)
   tokens = batch * cfg.seq_len
+  if args.hlo_dir:
+    os.makedirs(args.hlo_dir, exist_ok=True)
+    name = f"step_{batch}_{remat}_{attention}_{'_'.join(extra)}".replace("=", "-")
+    with open(os.path.join(args.hlo_dir, name[:120] + ".hlo.txt"), "w") as f:
+      f.write(run.hlo())
   return (f"| cm3leon_350m | {device.device_kind} x{jax.device_count()} | {batch} | {remat} | "
-          f"{attention} | {compile_s:.0f} | {step_s:.3f} | {tokens / step_s:.0f} | "
+          f"{attention} {' '.join(extra)} | {compile_s:.0f} | {step_s:.3f} | {tokens / step_s:.0f} | "
           f"{100 * util:.1f}% ({source}) | {loss:.3f} |")
+
+
+def check_packed_attention() -> str:
+  """cuDNN's packed layout vs the float32 XLA reference on packed bf16 rows: output and
+  gradient errors, the rows that fit the layout and one that falls back to the mask."""
+  import jax.numpy as jnp
+  from cm3leon_jax.model import attention as A
+  rng = np.random.default_rng(0)
+  B, L, H, K = 4, 512, 4, 64
+  q, k, v = (jnp.asarray(rng.normal(size=(B, L, H, K)), jnp.bfloat16) for _ in range(3))
+  rows = []
+  for b, n_runs in enumerate((1, 3, 7, A.MAX_PACKED_SEGMENTS + 4)):
+    cuts = np.sort(rng.choice(np.arange(1, L - 8), n_runs - 1, replace=False))
+    ids = np.searchsorted(cuts, np.arange(L), side="right") + 1
+    ids[L - 8 * (b % 2):] = 0  # trailing padding in rows 1 and 3
+    rows.append(ids)
+  seg = jnp.asarray(np.stack(rows), jnp.int32)
+  index = jnp.broadcast_to(jnp.arange(L), (B, L))
+  mask = A.attention_mask(seg, seg, index, index)
+  f32 = lambda x: x.astype(jnp.float32)
+  out = []
+  for name, sel in (("rows that fit", slice(0, 3)), ("row past the bound", slice(3, 4))):
+    loss_ref = lambda q, k, v: jnp.sum(A.xla_attention(f32(q), f32(k), f32(v), mask[sel]) ** 2)
+    loss_new = lambda q, k, v: jnp.sum(f32(A.attention(q, k, v, seg[sel], seg[sel],
+                                                       backend="cudnn_packed")) ** 2)
+    ref = jax.grad(loss_ref, argnums=(0, 1, 2))(q[sel], k[sel], v[sel])
+    new = jax.grad(loss_new, argnums=(0, 1, 2))(q[sel], k[sel], v[sel])
+    o_ref = A.xla_attention(f32(q[sel]), f32(k[sel]), f32(v[sel]), mask[sel])
+    o_new = A.attention(q[sel], k[sel], v[sel], seg[sel], seg[sel], backend="cudnn_packed")
+    err = [float(jnp.max(jnp.abs(f32(o_new) - o_ref)))]
+    err += [float(jnp.max(jnp.abs(f32(a) - b)) / (jnp.max(jnp.abs(b)) + 1e-9))
+            for a, b in zip(new, ref)]
+    out.append(f"{name}: max |out - ref| {err[0]:.4f}, grad q/k/v max error / max |ref| "
+               f"{err[1]:.4f} {err[2]:.4f} {err[3]:.4f}")
+  return "cudnn_packed vs float32 reference (bf16 inputs): " + "; ".join(out)
 
 
 def gpu_table(args):
@@ -213,12 +284,18 @@ def gpu_table(args):
   measured = flops.measure_matmul_peak.__wrapped__(8192, "bfloat16", 10)
   print(f"device: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}; "
         f"measured bf16 8192^3 matmul {measured / 1e12:.0f} TFLOP/s", flush=True)
+  if any("cudnn_packed" in v for v in args.gpu_variants):
+    try:
+      print(check_packed_attention(), flush=True)
+    except Exception as e:  # the rows still run; they say whether the backend works
+      print(f"cudnn_packed check failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
   rows = []
   for variant in args.gpu_variants:
     batch, remat, *rest = variant.split(":")
     attention = rest[0] if rest else "cudnn"
+    extra = rest[1].split(",") if len(rest) > 1 else []
     try:
-      rows.append(gpu_row(args, int(batch), remat, attention))
+      rows.append(gpu_row(args, int(batch), remat, attention, extra))
     except Exception as e:  # an OOM or a backend failure costs one row, not the table
       rows.append(f"| cm3leon_350m | {device.device_kind} | {batch} | {remat} | {attention} | "
                   f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |||||")
@@ -242,7 +319,9 @@ def main():
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--skip-torch", action="store_true")
   p.add_argument("--gpu-variants", nargs="+", default=["8:none", "8:dots_saveable"],
-                 help="GPU rows, each batch:remat[:attention] (attention default cudnn)")
+                 help="GPU rows, each batch:remat[:attention[:override,...]] (attention default "
+                      "cudnn; overrides a.b=value of that row only)")
+  p.add_argument("--hlo-dir", default="", help="GPU rows: write each step's optimised HLO here")
   args = p.parse_args()
   if jax.default_backend() == "gpu":
     gpu_table(args)
