@@ -41,6 +41,10 @@ kernels plus the loop's device-to-host predicate copies; XLA's command buffers (
 for the while loop, tried with --xla_gpu_enable_command_buffer=...,WHILE,CONDITIONAL, moved it
 by 1%. The full 4,096-slot cache is attended every step (403 MB, not the 54 MB counted).
 After the q/k/v change below (1.55x on the CPU), the same GPU gave 1.297 ms/token: unchanged.
+A profile (experiments/bench/gpu_profile.py, results/gpu-h200-2026-11-27/5-profile-before.log):
+391 kernels per token; the device busy 65% of the wall time; 67% of the busy time in XLA
+reduction fusions (the batch-1 matrix-vector products and attention over the cache, ~5-11 us
+each, far below the bandwidth a 2-8 MB weight read allows); the GEMM class only 3%.
 
 Measured on a quiet 2-core CPU (2026-11-27, load 1.2-2.0, torch on 2 threads), after the q/k/v
 projection stopped copying its stacked weights into a transposed layout inside every decode
