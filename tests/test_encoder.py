@@ -206,6 +206,10 @@ def test_training_learns_and_resumes_exactly(config, tokenizer, tmp_path):
   resumed = train_encoder.train(config, data, tokenizer, str(tmp_path / "b"), steps=4,
                                 progress=False, log_every=1)
   assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-5)
+  # Resumed with nothing left to do: the finished run's last logged metrics, not NaNs.
+  again = train_encoder.train(config, data, tokenizer, str(tmp_path / "b"), steps=4,
+                              progress=False)
+  assert again["step"] == 4 and again["loss"] == resumed["loss"]
   a = train_encoder.load_embedder(config, str(tmp_path / "a"), tokenizer=tokenizer)
   b = train_encoder.load_embedder(config, str(tmp_path / "b"), tokenizer=tokenizer)
   texts = [x["text"] for x in data.items[:8]]

@@ -182,7 +182,8 @@ def train(config, source, tokenizer, directory: str | None = None, steps: int | 
 
   step_fn = make_train_step(graphdef, state_shardings, mesh, hard_negatives=r.hard_negatives > 0)
   metrics_path = os.path.join(directory, "metrics.jsonl")
-  last = {}
+  # A finished run resumed with nothing left to do reports its last logged metrics, not NaNs.
+  last = _last_logged(metrics_path, start) if start >= steps else {}
   bar = tqdm(range(start, steps), initial=start, total=steps, desc="train-retriever",
              disable=not progress, dynamic_ncols=True)
   t0 = time.time()
@@ -207,6 +208,16 @@ def train(config, source, tokenizer, directory: str | None = None, steps: int | 
   manager.wait_until_finished()
   manager.close()
   return last
+
+
+def _last_logged(metrics_path: str, step: int) -> dict:
+  """The metrics.jsonl record of `step` (the last one written), or just the step."""
+  try:
+    with open(metrics_path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+  except (OSError, json.JSONDecodeError):
+    records = []
+  return next((r for r in reversed(records) if r.get("step") == step), {"step": step})
 
 
 def _abstract(state):
