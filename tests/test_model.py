@@ -306,3 +306,13 @@ def test_cudnn_packed_backend_matches_reference_off_gpu():
   want = A.xla_attention(q, k, v, A.attention_mask(seg, seg, index, index))
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              atol=2e-2)
+
+
+def test_cudnn_packed_warns_and_uses_the_mask_if_jax_moves_its_cudnn_module(monkeypatch):
+  """The packed layout comes from a private JAX module: if a release moves it, one warning and
+  the masked cuDNN path, not a crash."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_sdpa
+  monkeypatch.delattr(cudnn_sdpa, "dot_product_attention")
+  monkeypatch.setattr(A, "_WARNED_NO_PACKED", [])
+  with pytest.warns(UserWarning, match="packed layout is unavailable"):
+    assert A._cudnn_sdpa_module() is None

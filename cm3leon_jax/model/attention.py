@@ -32,6 +32,7 @@ Backends (`config.model.attention`):
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +150,24 @@ def packed_layout(segment_ids_BL, max_segments: int = MAX_PACKED_SEGMENTS):
   return seqlen_BM.astype(jnp.int32), offsets_BM1.astype(jnp.int32), count_B <= max_segments
 
 
+def _cudnn_sdpa_module():
+  """JAX's cuDNN attention module, which takes the packed layout; `jax.nn.dot_product_attention`
+  does not expose it. Private API: if a JAX release moves it, warn once and use the mask."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_sdpa
+    cudnn_sdpa.dot_product_attention, cudnn_sdpa.MaskType.PADDING_CAUSAL  # noqa: B018
+    return cudnn_sdpa
+  except (ImportError, AttributeError) as e:
+    if not _WARNED_NO_PACKED:
+      _WARNED_NO_PACKED.append(True)
+      warnings.warn(f"cudnn_packed: JAX's cuDNN packed layout is unavailable ({e}); "
+                    "using the masked cuDNN path")
+    return None
+
+
+_WARNED_NO_PACKED: list = []
+
+
 def cudnn_packed_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, mask_BLL):
   """Self-attention over packed rows without a mask tensor: cuDNN's packed layout (run offsets
   and lengths per row) with its causal mask, so the kernel reads no [B, 1, L, L] bias and
@@ -157,9 +176,9 @@ def cudnn_packed_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, mask_BLL):
   the bound. GPU only (the packed layout is a cuDNN feature, reached through JAX's cuDNN
   module); elsewhere this is `cudnn_attention`.
   """
-  if jax.default_backend() != "gpu":
+  cudnn_sdpa = _cudnn_sdpa_module() if jax.default_backend() == "gpu" else None
+  if cudnn_sdpa is None:
     return cudnn_attention(q_BLHK, k_BLHK, v_BLHK, mask_BLL, is_causal=True)
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_sdpa
   seqlen_BM, offsets_BM1, fits_B = packed_layout(segment_ids_BL)
 
   def packed(q, k, v):
