@@ -22,17 +22,21 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv
 python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
-# Parts (space-separated in PARTS): train (MFU rows of cm3leon_350m, one per TRAIN_VARIANTS entry
-# batch:remat[:attention]), decode (bench preset vs HF OPT generate on the same GPU, batch 1 and
-# 8, +-CFG, then the 350M bandwidth check), profile (experiments/bench/gpu_profile.py: device
-# time by kernel of the 350M train step and batch-1 decode).
+# Parts (space-separated in PARTS):
+#   train: MFU rows of cm3leon_350m, one per TRAIN_VARIANTS entry
+#     batch:remat[:attention[:override,...]]; TRAIN_ARGS adds e.g. --hlo-dir DIR;
+#   decode: bench preset vs HF OPT generate on the same GPU (batch 1 and 8, +-CFG), then the
+#     350M bandwidth check;
+#   profile: experiments/bench/gpu_profile.py, device time by kernel of the 350M train step
+#     and batch-1 decode (PROFILE_ARGS adds options).
 PARTS=${PARTS:-train decode}
 for part in $PARTS; do
   case $part in
     train)
       timeout "${TRAIN_LIMIT:-170}" python3 experiments/bench/train_step.py --rounds 3 --steps 3 \
-        --gpu-variants ${TRAIN_VARIANTS:-8:none:cudnn_packed 8:none:cudnn_packed:model.scan_layers=false} ${TRAIN_ARGS:-} 2>&1 \
-        | tee "$OUT/train_step.log" ;;
+        --gpu-variants \
+        ${TRAIN_VARIANTS:-8:none:cudnn_packed 8:none:cudnn_packed:model.scan_layers=false} \
+        ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step.log" ;;
     decode)
       # JAX leaves half the GPU's memory to torch.
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout "${DECODE_LIMIT:-230}" python3 \
