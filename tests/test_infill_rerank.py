@@ -40,6 +40,7 @@ def test_the_pick_is_the_candidate_the_dual_encoder_scores_highest(stack, monkey
 @pytest.mark.parametrize("n, captions, message", [
     (0, ["a red circle"] * 2, "num_candidates=0"),
     (2, None, "needs captions"),
+    (2, ["a red circle", ""], "needs captions"),
 ])
 def test_bad_pool_arguments_are_errors(stack, n, captions, message):
   generator, images, _, region = stack

@@ -313,6 +313,9 @@ def test_cudnn_packed_warns_and_uses_the_mask_if_jax_moves_its_cudnn_module(monk
   the masked cuDNN path, not a crash."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_sdpa
   monkeypatch.delattr(cudnn_sdpa, "dot_product_attention")
-  monkeypatch.setattr(A, "_WARNED_NO_PACKED", [])
-  with pytest.warns(UserWarning, match="packed layout is unavailable"):
-    assert A._cudnn_sdpa_module() is None
+  A._cudnn_sdpa_module.cache_clear()
+  try:
+    with pytest.warns(UserWarning, match="packed layout is unavailable"):
+      assert A._cudnn_sdpa_module() is None
+  finally:
+    A._cudnn_sdpa_module.cache_clear()  # the next caller sees the real module again

@@ -189,11 +189,16 @@ class Generator:
     scores = None
     best = np.zeros(len(captions), int)
     if rerank and n > 1 and self.retriever is not None:
-      texts = [c for c in captions for _ in range(n)]
-      scores = np.asarray(self.retriever.embedder.score(images, texts)).reshape(len(captions), n)
+      scores = self._pool_scores(images, captions, n)
       best = scores.argmax(1)
     return TextToImageResult(candidates[np.arange(len(captions)), best], candidates, scores,
                              codes.reshape(len(captions), n, -1), retrieved)
+
+  def _pool_scores(self, images, captions: Sequence[str], n: int) -> np.ndarray:
+    """Dual-encoder scores [B, n] of image-major pools (caption b's candidates are rows
+    b*n .. b*n+n-1): what text-to-image and infilling re-rank by."""
+    texts = [c for c in captions for _ in range(n)]
+    return np.asarray(self.retriever.embedder.score(images, texts)).reshape(len(captions), n)
 
   def _decode_text(self, prompts_: list[np.ndarray], temperature: float, seed: int,
                    state: C.ModalityState | None = None) -> list[str]:
@@ -232,9 +237,9 @@ class Generator:
     n = int(num_candidates)
     if n < 1:
       raise InputError(f"num_candidates={n}: must be >= 1")
-    if n > 1 and (not captions or self.retriever is None):
-      raise InputError(f"num_candidates={n}: re-ranking infills needs captions and the dual "
-                       "encoder (retriever)")
+    if n > 1 and (not captions or not all(captions) or self.retriever is None):
+      raise InputError(f"num_candidates={n}: re-ranking infills needs captions (one per "
+                       "image, none empty) and the dual encoder (retriever)")
     codes = self.image_tokenizer.encode(images_BHWC)
     region = np.asarray(region_mask_N, bool).reshape(-1)
     prompts_ = []
@@ -258,8 +263,7 @@ class Generator:
     images = self.image_tokenizer.decode(out)
     if n == 1:
       return images
-    texts = [c for c in captions for _ in range(n)]
-    scores_BN = np.asarray(self.retriever.embedder.score(images, texts)).reshape(len(codes), n)
+    scores_BN = self._pool_scores(images, captions, n)
     return images.reshape(len(codes), n, *images.shape[1:])[np.arange(len(codes)),
                                                               scores_BN.argmax(1)]
 

@@ -32,6 +32,7 @@ Backends (`config.model.attention`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import jax
@@ -150,22 +151,19 @@ def packed_layout(segment_ids_BL, max_segments: int = MAX_PACKED_SEGMENTS):
   return seqlen_BM.astype(jnp.int32), offsets_BM1.astype(jnp.int32), count_B <= max_segments
 
 
+@functools.cache
 def _cudnn_sdpa_module():
   """JAX's cuDNN attention module, which takes the packed layout; `jax.nn.dot_product_attention`
-  does not expose it. Private API: if a JAX release moves it, warn once and use the mask."""
+  does not expose it. Private API: if a JAX release moves it, warn (once: cached) and use the
+  mask."""
   try:
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_sdpa
     cudnn_sdpa.dot_product_attention, cudnn_sdpa.MaskType.PADDING_CAUSAL  # noqa: B018
     return cudnn_sdpa
   except (ImportError, AttributeError) as e:
-    if not _WARNED_NO_PACKED:
-      _WARNED_NO_PACKED.append(True)
-      warnings.warn(f"cudnn_packed: JAX's cuDNN packed layout is unavailable ({e}); "
-                    "using the masked cuDNN path")
+    warnings.warn(f"cudnn_packed: JAX's cuDNN packed layout is unavailable ({e}); "
+                  "using the masked cuDNN path")
     return None
-
-
-_WARNED_NO_PACKED: list = []
 
 
 def cudnn_packed_attention(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, mask_BLL):
