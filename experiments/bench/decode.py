@@ -65,6 +65,19 @@ score dot reads them as stored: 29 s instead of 23 s per image. Known JAX-side c
 XLA's CPU dot copies every layer's keys to [H, K, S] each step, the static cache is attended in
 full (about twice the written slots on average), and Gumbel sampling draws V random numbers per
 row per step. The XLA CPU thread pool hurts on a loaded machine (--jax-single-thread).
+
+Measured again a day later on another 2-core machine (AMD EPYC, load 1.8-2.4,
+`python experiments/bench/decode.py`), same code:
+
+| batch | CFG | JAX tok/s | s/image | HF tok/s | s/image | ratio | CPU-s ratio |
+|---|---|---|---|---|---|---|---|
+| 1 | no | 143.2 | 7.16 | 90.6 | 11.31 | 1.58x | 0.88x |
+| 1 | yes | 154.9 | 6.62 | 47.0 | 21.83 | 3.30x | 3.71x |
+| 8 | no | 585.7 | 1.75 | 296.7 | 3.45 | 1.97x | 2.08x |
+| 8 | yes | 367.9 | 2.79 | 161.3 | 6.36 | 2.28x | 2.36x |
+
+3x met only at batch 1 with CFG; at batch 1 without CFG JAX's two threads against HF's one
+(its probe picked 1) give 1.58x wall clock but 0.88x per CPU-second.
 """
 
 from __future__ import annotations
