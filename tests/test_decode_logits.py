@@ -8,7 +8,7 @@ import pytest
 from cm3leon_jax.decode import constraints
 from cm3leon_jax.decode.cdk import cdk_scores
 from cm3leon_jax.decode.guidance import cfg, cfg_two
-from cm3leon_jax.decode.sampling import sample, top_k_filter, top_p_filter
+from cm3leon_jax.decode.sampling import _first_above, sample, top_k_filter, top_p_filter
 from cm3leon_jax.tokenizers.vocab import Vocab
 
 LOG_PROBS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
@@ -48,6 +48,28 @@ def test_sampling_never_picks_a_forbidden_token():
   scores = jnp.array([[0.0, -jnp.inf, 0.0, -jnp.inf]] * 64)
   tokens = sample(jax.random.key(1), scores, 1.0)
   assert set(np.asarray(tokens).tolist()) <= {0, 2}
+
+
+def test_sampling_follows_probabilities_across_blocks_and_padding():
+  # 300 tokens = two full 128-token blocks of the inverse-CDF sampler + a padded third one;
+  # the mass sits in all three blocks and on the last token, with forbidden tokens in between.
+  probs = np.zeros(300)
+  probs[[3, 130, 131, 260, 299]] = [0.1, 0.2, 0.3, 0.15, 0.25]
+  scores = jnp.log(jnp.asarray(probs, jnp.float32))[None]
+  draws = jax.vmap(lambda r: sample(r, scores, 1.0)[0])(jax.random.split(jax.random.key(7), 8000))
+  freq = np.bincount(np.asarray(draws), minlength=300) / 8000
+  assert set(np.flatnonzero(freq).tolist()) <= {3, 130, 131, 260, 299}
+  np.testing.assert_allclose(freq[[3, 130, 131, 260, 299]], probs[[3, 130, 131, 260, 299]],
+                             atol=0.02)
+
+
+def test_inverse_cdf_never_lands_on_a_zero_mass_token_when_u_rounds_to_the_total():
+  p = jnp.array([[0.5, 0.5, 0.0, 0.0]])
+  cum = jnp.cumsum(p, axis=-1)
+  # u equal to the total (float rounding of u * total): the last token with mass, not index 4.
+  assert int(_first_above(cum, cum[:, -1:], p > 0)[0]) == 1
+  assert int(_first_above(cum, jnp.array([[0.0]]), p > 0)[0]) == 0
+  assert int(_first_above(cum, jnp.array([[0.5]]), p > 0)[0]) == 1
 
 
 def test_cfg_weight_one_is_conditional_and_zero_is_unconditional():

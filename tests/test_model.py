@@ -206,6 +206,32 @@ def test_cached_style_indices_equal_self_attention():
   np.testing.assert_allclose(last[:, 0], full[:, 40], atol=1e-6)
 
 
+def test_single_query_attention_equals_the_reference_on_a_flat_cache():
+  """The decode step's attention over a [B * H, S, K] cache equals the [B, S, H, K] reference."""
+  q, k, v, seg = _qkv()
+  B, S, H, K = k.shape
+  idx = jnp.broadcast_to(jnp.arange(S), (B, S))
+  q_index = idx[:, 40:41]
+  mask_BS = A.attention_mask(seg[:, 40:41], seg, q_index, idx)[:, 0]
+  flat = lambda x: jnp.swapaxes(x, 1, 2).reshape(B * H, S, K)
+  got = A.single_query_attention(q[:, 40], flat(k), flat(v), mask_BS)
+  want = A.attention(q[:, 40:41], k, v, seg[:, 40:41], seg, q_index, idx, backend="xla")[:, 0]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_sharder_merges_logical_axes_of_one_dimension():
+  from cm3leon_jax.model.layers import Sharder
+  from cm3leon_jax.train.mesh import axis_rules, make_mesh
+  config = tiny("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  mesh = make_mesh(config.mesh)
+  x = jnp.zeros((4 * 4, 8, 4))  # [batch * heads, slots, kv]: batch 4, heads 4
+  with jax.set_mesh(mesh):
+    y = jax.jit(lambda x: Sharder(axis_rules(config))(x, (("batch", "heads"), "length", "kv")))(x)
+  # batch -> (data, fsdp), heads -> tensor: the merged axis is split over all three, batch-major.
+  assert tuple(y.sharding.spec)[0] == ("data", "fsdp", "tensor")
+  assert y.sharding.shard_shape(x.shape) == (2, 8, 4)
+
+
 def test_auto_backend_per_platform():
   assert A.resolve_backend("auto", "cpu") == "xla"
   assert A.resolve_backend("auto", "gpu") == "cudnn_packed"

@@ -10,7 +10,7 @@ from cm3leon_jax import configs
 from cm3leon_jax.decode import constraints as C
 from cm3leon_jax.decode import prompts as P
 from cm3leon_jax.decode.cache import forward_cached, init_cache
-from cm3leon_jax.decode.sampler import SamplerSpec, generate, make_knobs
+from cm3leon_jax.decode.sampler import SamplerSpec, cache_windows, generate, make_knobs
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.model.decoder import Decoder, DecoderConfig
 from cm3leon_jax.tokenizers.vocab import Vocab
@@ -78,6 +78,29 @@ def test_greedy_sampling_matches_the_uncached_reference_with_ragged_prompts(mode
   for row, prompt in zip(out, prompts):
     ref = _reference_greedy(model, prompt, 8)
     assert row[:len(ref)].tolist() == ref[:len(ref)]
+
+
+def test_cache_windows_split_the_new_tokens_evenly_and_end_at_the_full_cache():
+  # 1,025 new tokens after a 32-token prompt, windows of ~256 steps: 4 windows of 256-257.
+  assert cache_windows(32, 1025, 256) == [32 + 257, 32 + 513, 32 + 769, 32 + 1025]
+  assert cache_windows(5, 12, 4) == [9, 13, 17]
+  assert cache_windows(32, 1025, 0) == [1057]  # 0: one window, the whole cache every step
+  assert cache_windows(5, 10, 256) == [15]     # fewer new tokens than one window
+
+
+def test_windowed_cache_samples_what_one_full_cache_samples(model):
+  """Attending a shorter cache in the early windows changes nothing: same seed, same tokens."""
+  pr = [P.text_to_image(VOCAB, np.array(c)) for c in ((40, 41, 42), (50, 51))]
+  streams = [[p.cond for p in pr], [p.uncond for p in pr]]
+  knobs = make_knobs(2, temperature=5.0, cfg_weight=2.0)  # hot: many distinct tokens
+  outs = []
+  for window in (0, 3, 5):  # one window; 6 windows of ~3 steps; 3 of ~5-6
+    spec = SamplerSpec(num_streams=2, max_new_tokens=N + 1, tokens_per_image=N,
+                       stop_after_image=True, cache_window=window)
+    outs.append(generate(model, VOCAB, streams, spec, knobs, jax.random.key(4))[0])
+  np.testing.assert_array_equal(outs[1], outs[0])
+  np.testing.assert_array_equal(outs[2], outs[0])
+  assert len(set(outs[0].ravel().tolist())) > 4
 
 
 def _t2i(model, weight, seed=0, use_cdk=False, captions=((40, 41, 42), (50, 51)), temperature=1.0):

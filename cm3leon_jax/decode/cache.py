@@ -1,21 +1,25 @@
 """The static-shape KV cache and the cached forward pass of the decoder.
 
-The cache holds one key and one value array per layer, heads before slots:
+The cache holds one key and one value array per layer, (batch, heads) merged, then slots:
 
-    k_BHSK[l], v_BHSK[l] : [batch, heads, slots, head_dim] (compute dtype), l = 0..layers-1
-    segment_ids_BS       : 1 for a written slot, 0 for empty / left padding (never attended)
-    index_BS             : the slot's column, or a value past every query for empty slots
+    k_NSK[l], v_NSK[l] : [batch * heads, slots, head_dim] (compute dtype), l = 0..layers-1
+    segment_ids_BS     : 1 for a written slot, 0 for empty / left padding (never attended)
+    index_BS           : the slot's column, or a value past every query for empty slots
 
 Prompts of different lengths are left-padded to one width P: every row writes slot t at step
 t, padding slots carry segment id 0, and a row's position embedding index is its column minus
-its padding. Decoding writes one slot per step. Shapes never change, so prefill and the
-decode loop each compile once.
+its padding. Decoding writes one slot per step. Shapes never change within a decode loop, so
+prefill and the loop each compile once; `grow` pads the cache for the sampler's next window.
 
-Why this layout (measured on CPU, experiments/bench/decode.py): the attention dots batch over
-(batch, heads), so with heads before slots the cache feeds them as it is; a [B, S, H, K]
-cache was transposed in full every step and layer (8x slower per step at batch 8). Layers are
-unrolled over per-layer weights sliced once before the decode loop (`layer_params`): scanning
-the stacked weights copied every layer's weights and cache slice every step (2x slower).
+Why this layout (measured on CPU, experiments/bench/decode.py): the decode step's attention
+is B * H matrix-vector products with the cache as the matrix, so a [B * H, S, K] cache feeds
+XLA's batched dot exactly as it is stored. With [B, S, H, K] XLA copied every layer's keys to
+[H, K, S] every step; with [B, H, S, K] it merged (B, H) with a reshape that it fused into the
+in-place slot write, duplicating the write and copying the whole cache every step (batch 1,
+bench preset, 8 layers: 2.9 -> 0.85 ms per step of a stand-alone loop with the flat layout).
+Layers are unrolled over per-layer weights sliced once before the decode loop
+(`layer_params`): scanning the stacked weights copied every layer's weights and cache slice
+every step (2x slower).
 """
 
 from __future__ import annotations
@@ -26,14 +30,15 @@ import jax
 import jax.numpy as jnp
 
 from cm3leon_jax.model import layers as L
+from cm3leon_jax.model.attention import single_query_attention
 from cm3leon_jax.model.decoder import Decoder
 
 EMPTY_INDEX = jnp.iinfo(jnp.int32).max
 
 
 class KVCache(NamedTuple):
-  k_BHSK: tuple[jax.Array, ...]  # one per layer
-  v_BHSK: tuple[jax.Array, ...]
+  k_NSK: tuple[jax.Array, ...]  # one per layer; N = batch * heads, batch-major
+  v_NSK: tuple[jax.Array, ...]
   segment_ids_BS: jax.Array
   index_BS: jax.Array
 
@@ -42,19 +47,31 @@ class KVCache(NamedTuple):
     return self.segment_ids_BS.shape[1]
 
 
-KV_AXES = ("batch", "heads", "length", "kv")
+KV_AXES = (("batch", "heads"), "length", "kv")
 SLOT_AXES = ("batch", "length")
 
 
 def init_cache(model: Decoder, batch: int, size: int) -> KVCache:
   cfg = model.cfg
-  shape = (batch, cfg.num_heads, size, cfg.head_dim)
+  shape = (batch * cfg.num_heads, size, cfg.head_dim)
   shard = model.shard
   zeros = lambda: shard(jnp.zeros(shape, jnp.dtype(cfg.dtype)), KV_AXES)
   return KVCache(tuple(zeros() for _ in range(cfg.num_layers)),
                  tuple(zeros() for _ in range(cfg.num_layers)),
                  shard(jnp.zeros((batch, size), jnp.int32), SLOT_AXES),
                  shard(jnp.full((batch, size), EMPTY_INDEX, jnp.int32), SLOT_AXES))
+
+
+def grow(model: Decoder, cache: KVCache, size: int) -> KVCache:
+  """The same cache with empty slots appended up to `size` (one copy of the cache)."""
+  extra = size - cache.size
+  if extra < 0:
+    raise ValueError(f"cannot grow a {cache.size}-slot cache to {size} slots")
+  kv = lambda x: model.shard(jnp.pad(x, ((0, 0), (0, extra), (0, 0))), KV_AXES)
+  return KVCache(tuple(kv(k) for k in cache.k_NSK), tuple(kv(v) for v in cache.v_NSK),
+                 model.shard(jnp.pad(cache.segment_ids_BS, ((0, 0), (0, extra))), SLOT_AXES),
+                 model.shard(jnp.pad(cache.index_BS, ((0, 0), (0, extra)),
+                                     constant_values=EMPTY_INDEX), SLOT_AXES))
 
 
 def layer_params(model: Decoder) -> list[dict]:
@@ -89,17 +106,26 @@ def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positio
   kwargs = dict(dtype=dtype, activation=cfg.activation, attention_backend="xla",
                 shard=model.shard)
   new_k, new_v = [], []
-  for p, k_BHSK, v_BHSK in zip(layers, cache.k_BHSK, cache.v_BHSK):
+  heads = cfg.num_heads
+  for p, k_NSK, v_NSK in zip(layers, cache.k_NSK, cache.v_NSK):
     q_BTHK, k_BTHK, v_BTHK = L.project_qkv(p, x_BTD, dtype, cfg.qk_norm, model.shard)
-    k_BHSK = jax.lax.dynamic_update_slice(
-        k_BHSK, jnp.swapaxes(k_BTHK, 1, 2).astype(k_BHSK.dtype), (0, 0, start, 0))
-    v_BHSK = jax.lax.dynamic_update_slice(
-        v_BHSK, jnp.swapaxes(v_BTHK, 1, 2).astype(v_BHSK.dtype), (0, 0, start, 0))
-    # The attention takes [B, S, H, K] views of the [B, H, S, K] cache (see the docstring).
-    kv = L.KV(jnp.swapaxes(k_BHSK, 1, 2), jnp.swapaxes(v_BHSK, 1, 2), seg_BS, index_BS)
-    # Queries of padding rows get their slot index too; their outputs are never used.
-    x_BTD = L.attend_and_mlp(p, x_BTD, q_BTHK, kv, jnp.maximum(segment_ids_BT, 1), slots_BT,
-                             **kwargs)
-    new_k.append(k_BHSK)
-    new_v.append(v_BHSK)
+    to_nsk = lambda x_BTHK: jnp.swapaxes(x_BTHK, 1, 2).reshape(batch * heads, steps, -1)
+    k_NSK = jax.lax.dynamic_update_slice(k_NSK, to_nsk(k_BTHK).astype(k_NSK.dtype),
+                                         (0, start, 0))
+    v_NSK = jax.lax.dynamic_update_slice(v_NSK, to_nsk(v_BTHK).astype(v_NSK.dtype),
+                                         (0, start, 0))
+    if steps == 1:  # the decode loop: one query per row against the cache as it is stored
+      mask_BS = (index_BS <= slots_BT) & (seg_BS == jnp.maximum(segment_ids_BT, 1))
+      o_BHK = single_query_attention(q_BTHK[:, 0], k_NSK, v_NSK, mask_BS)
+      x_BTD = L.project_out_and_mlp(p, x_BTD, o_BHK[:, None], dtype=dtype,
+                                    activation=cfg.activation, shard=model.shard)
+    else:
+      # Prefill: [B, S, H, K] views of the cache. Queries of padding rows get their slot index
+      # too; their outputs are never used.
+      to_bshk = lambda x_NSK: jnp.swapaxes(x_NSK.reshape(batch, heads, *x_NSK.shape[1:]), 1, 2)
+      kv = L.KV(to_bshk(k_NSK), to_bshk(v_NSK), seg_BS, index_BS)
+      x_BTD = L.attend_and_mlp(p, x_BTD, q_BTHK, kv, jnp.maximum(segment_ids_BT, 1), slots_BT,
+                               **kwargs)
+    new_k.append(k_NSK)
+    new_v.append(v_NSK)
   return model.logits(x_BTD), KVCache(tuple(new_k), tuple(new_v), seg_BS, index_BS)

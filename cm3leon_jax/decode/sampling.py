@@ -54,5 +54,36 @@ def sample(rng: jax.Array, scores_BV: jax.Array, temperature) -> jax.Array:
   t_B = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), scores_BV.shape[:1])
   greedy_B = jnp.argmax(scores_BV, axis=-1)
   safe_t_B1 = jnp.where(t_B > 0, t_B, 1.0)[:, None]
-  sampled_B = jax.random.categorical(rng, scores_BV.astype(jnp.float32) / safe_t_B1, axis=-1)
+  sampled_B = sample_inverse_cdf(rng, scores_BV.astype(jnp.float32) / safe_t_B1)
   return jnp.where(t_B > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+
+def _first_above(cumsum_BN, u_B1, positive_BN):
+  """Index of the first entry whose cumulative mass exceeds u (a positive-mass entry), or the
+  last positive-mass entry when rounding puts u at or past the total."""
+  n = cumsum_BN.shape[-1]
+  first_B = jnp.sum(cumsum_BN <= u_B1, axis=-1)
+  last_positive_B = n - 1 - jnp.argmax(positive_BN[:, ::-1], axis=-1)
+  return jnp.minimum(first_B, last_positive_B)
+
+
+def sample_inverse_cdf(rng: jax.Array, logits_BV: jax.Array, block: int = 128) -> jax.Array:
+  """One draw per row from softmax(logits), by inverting the cumulative distribution.
+
+  Two uniforms per row instead of `jax.random.categorical`'s V Gumbel draws, which cost more
+  than a small model's whole decode step on CPU (batch 8, V = 16k: 1.8 -> 0.3 ms). Two levels:
+  a block of `block` tokens by the blocks' masses, then a token inside it by its own mass
+  (exactly the softmax distribution; each cumsum stays short). -inf logits are never drawn.
+  """
+  B, V = logits_BV.shape
+  pad = (-V) % block
+  p_BV = jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))
+  p_BNC = jnp.pad(p_BV, ((0, 0), (0, pad))).reshape(B, -1, block)
+  u_B2 = jax.random.uniform(rng, (B, 2), jnp.float32)
+  mass_BN = p_BNC.sum(-1)
+  cum_BN = jnp.cumsum(mass_BN, axis=-1)
+  block_B = _first_above(cum_BN, u_B2[:, :1] * cum_BN[:, -1:], mass_BN > 0)
+  p_BC = jnp.take_along_axis(p_BNC, block_B[:, None, None], axis=1)[:, 0]
+  cum_BC = jnp.cumsum(p_BC, axis=-1)
+  token_B = _first_above(cum_BC, u_B2[:, 1:] * cum_BC[:, -1:], p_BC > 0)
+  return block_B * block + token_B

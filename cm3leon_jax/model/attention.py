@@ -91,6 +91,23 @@ def xla_attention(q_BLHK, k_BSHK, v_BSHK, mask_BLS):
   return jnp.einsum("BHLS,BSHK->BLHK", probs_BHLS.astype(v_BSHK.dtype), v_BSHK)
 
 
+def single_query_attention(q_BHK, k_NSK, v_NSK, mask_BS):
+  """One new token per row against a KV cache stored [B * H, S, K] (batch-major): the decode
+  step. Same result as `xla_attention` with L = 1; returns [B, H, K] in q's dtype.
+
+  The dots are B * H matrix-vector products with the cache as the matrix, in the layout it is
+  stored in (decode/cache.py says what the other layouts cost on CPU).
+  """
+  B, H, K = q_BHK.shape
+  q_NK = q_BHK.reshape(B * H, K).astype(k_NSK.dtype)
+  scores_NS = jax.lax.dot_general(k_NSK, q_NK, (((2,), (1,)), ((0,), (0,))),
+                                  preferred_element_type=jnp.float32) * K ** -0.5
+  mask_NS = jnp.broadcast_to(mask_BS[:, None], (B, H, mask_BS.shape[1])).reshape(B * H, -1)
+  probs_NS = jax.nn.softmax(jnp.where(mask_NS, scores_NS, _NEG_INF), axis=-1)
+  o_NK = jax.lax.dot_general(probs_NS.astype(v_NSK.dtype), v_NSK, (((1,), (1,)), ((0,), (0,))))
+  return o_NK.reshape(B, H, K).astype(q_BHK.dtype)
+
+
 def chunked_causal_attention(q_BLHK, k_BLHK, v_BLHK, mask_BLL, chunk: int = 128):
   """Self-attention computed in query chunks that only read the keys up to the chunk's end.
 

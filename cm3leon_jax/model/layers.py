@@ -41,10 +41,20 @@ class Sharder(NamedTuple):
   rules: tuple
 
   def __call__(self, x, logical_axes):
+    """`logical_axes`: one name (or None) per dimension; a tuple of names for a dimension that
+    merges several logical axes, major first (e.g. ("batch", "heads") for [B * H, ...])."""
     if jax.sharding.get_abstract_mesh().empty:
       return x
-    spec = nn.logical_to_mesh_axes(tuple(logical_axes), self.rules)
-    return jax.lax.with_sharding_constraint(x, spec)
+    groups = [names if isinstance(names, tuple) else (names,) for names in logical_axes]
+    # One call over every name, so that no mesh axis is used twice; then regroup per dimension.
+    flat = list(nn.logical_to_mesh_axes(tuple(n for g in groups for n in g), self.rules))
+    spec = []
+    for g in groups:
+      parts, flat = flat[:len(g)], flat[len(g):]
+      merged = [a for part in parts if part is not None
+                for a in (part if isinstance(part, tuple) else (part,))]
+      spec.append(None if not merged else merged[0] if len(merged) == 1 else tuple(merged))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
 def layer_norm(x, eps: float = LAYER_NORM_EPS):
@@ -99,6 +109,11 @@ def attend_and_mlp(p: dict, x_BLD, q_BLHK, kv: KV, q_segment_ids_BL, q_index_BL,
   """The rest of the layer once q and the keys/values are known: attention + MLP residuals."""
   o_BLHK = attention(q_BLHK, kv.k_BSHK, kv.v_BSHK, q_segment_ids_BL, kv.segment_ids_BS,
                      q_index_BL, kv.index_BS, backend=attention_backend)
+  return project_out_and_mlp(p, x_BLD, o_BLHK, dtype=dtype, activation=activation, shard=shard)
+
+
+def project_out_and_mlp(p: dict, x_BLD, o_BLHK, *, dtype, activation: str, shard: Sharder):
+  """The attention output's projection and residual, then the MLP block: [B, L, D] -> same."""
   o_BLHK = shard(o_BLHK, ("batch", "length", "heads", "kv"))
   x_BLD = x_BLD + jnp.einsum("BLHK,HKD->BLD", o_BLHK, p["wo"].astype(dtype))
   x_BLD = shard(x_BLD, ("batch", "length", None))

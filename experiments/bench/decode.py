@@ -191,11 +191,12 @@ class JaxRunner:
   """One (batch, guided) shape of the compiled sampler: warm-up (compile) once, then runs."""
 
   def __init__(self, model: Decoder, vocab: Vocab, prompts: list[P.Prompt], guided: bool,
-               n_image: int, cfg_weight: float):
+               n_image: int, cfg_weight: float, cache_window: int | None = None):
     self.model, self.vocab = model, vocab
     self.streams = [[p.cond for p in prompts]] + ([[p.uncond for p in prompts]] if guided else [])
     self.spec = SamplerSpec(num_streams=len(self.streams), max_new_tokens=n_image + 1,
-                            tokens_per_image=n_image, stop_after_image=True)
+                            tokens_per_image=n_image, stop_after_image=True,
+                            **({} if cache_window is None else dict(cache_window=cache_window)))
     self.knobs = make_knobs(len(prompts), temperature=1.0, top_p=1.0, cfg_weight=cfg_weight)
     padded = pad_prompts(self.streams, model.cfg.seq_len, self.spec.max_new_tokens)
     batch = len(prompts)
@@ -324,7 +325,8 @@ def bench_row(config, model, vocab, batch, guided, args, use_torch) -> Row:
   prompts = make_prompts(vocab, batch, args.prompt_len)
   label = f"batch {batch}, {'CFG' if guided else 'no CFG'}"
   print(f"[{label}] compiling ...", flush=True)
-  jax_runner = JaxRunner(model, vocab, prompts, guided, n_image, args.cfg_weight)
+  jax_runner = JaxRunner(model, vocab, prompts, guided, n_image, args.cfg_weight,
+                         args.cache_window)
   compile_s = jax_runner.compile()
   torch_runner = None
   if use_torch:
@@ -383,7 +385,7 @@ def bandwidth_check(preset: str, overrides: list[str], args) -> dict:
   model = Decoder(DecoderConfig.from_config(config), rngs=nnx.Rngs(0))
   n_image = tokens_per_image(config)
   runner = JaxRunner(model, vocab, make_prompts(vocab, 1, args.prompt_len), False, n_image,
-                     args.cfg_weight)
+                     args.cfg_weight, args.cache_window)
   compile_s = runner.compile()
   seconds = statistics.median(runner.run()[0] for _ in range(args.repeats))
   new = n_image + 1
@@ -429,6 +431,8 @@ def parse_args(argv=None):
   parser.add_argument("--prompt-len", type=int, default=32)
   parser.add_argument("--cfg-weight", type=float, default=3.0)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--cache-window", type=int, default=None,
+                      help="SamplerSpec.cache_window (new tokens per cache window; 0: one window)")
   parser.add_argument("--repeats-large", type=int, default=2,
                       help="repeats at batch >= 8 (minutes per run on a 2-core CPU)")
   parser.add_argument("--no-cfg", action="store_true", help="only the rows without guidance")
