@@ -78,6 +78,29 @@ def test_save_load_round_trip_gives_identical_results(tree_index, bank, queries,
   assert not list(tmp_path.glob("*.tmp-*"))  # atomic: no temp dir left behind
 
 
+def test_spilled_spherical_tree_recalls_without_duplicate_hits(bank, queries, tmp_path):
+  """SOAR stores each vector in two leaves; a query searching both still gets it once."""
+  soar = Settings(brute_force=False, num_leaves=100, leaves_to_search=10, reorder=100,
+                  training_sample_size=10000, spherical=True, soar_lambda=1.0)
+  index = Index.build(bank, soar)
+  ids, scores = index.search(queries, 10)
+  exact_ids, _ = exact_search(bank, queries, 10)
+  assert recall(ids, exact_ids) >= 0.9
+  assert all(len(set(row)) == 10 for row in ids.tolist())
+  index.save(str(tmp_path / "soar"))
+  ids2, scores2 = Index.load(str(tmp_path / "soar")).search(queries, 10)
+  np.testing.assert_array_equal(ids, ids2)
+  np.testing.assert_array_equal(scores, scores2)
+
+
+def test_default_tree_settings_spill_and_a_negative_soar_lambda_is_an_error():
+  s = choose_settings(100_000)
+  assert s.spherical and s.soar_lambda == 1.0
+  assert choose_settings(100_000, soar_lambda=0.0).soar_lambda == 0.0
+  with pytest.raises(InputError, match="soar_lambda"):
+    choose_settings(100_000, soar_lambda=-1.0)
+
+
 def test_sharded_index_equals_single_index(bank, queries):
   exact = Settings(brute_force=True)
   single = Index.build(bank, exact)

@@ -117,6 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.retrieval.num_leaves = 0  # 0: about sqrt(bank size)
   c.retrieval.leaves_to_search = 0  # 0: chosen from num_leaves
   c.retrieval.reorder = 100
+  c.retrieval.spherical_tree = True  # spherical k-means partitions of the (unit-norm) bank
+  c.retrieval.soar_lambda = 1.0  # SOAR spilling (ScaNN); 0 = each vector in one leaf only
   c.retrieval.num_shards = 1
 
   # Decoder (REFERENCE.md section 4).

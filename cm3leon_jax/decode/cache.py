@@ -16,7 +16,8 @@ is B * H matrix-vector products with the cache as the matrix, so a [B * H, S, K]
 XLA's batched dot exactly as it is stored. With [B, S, H, K] XLA copied every layer's keys to
 [H, K, S] every step; with [B, H, S, K] it merged (B, H) with a reshape that it fused into the
 in-place slot write, duplicating the write and copying the whole cache every step (batch 1,
-bench preset, 8 layers: 2.9 -> 0.85 ms per step of a stand-alone loop with the flat layout).
+bench preset, 8 layers: 1.4-2.9 -> 0.85 ms per step of a stand-alone loop with the flat
+layout).
 Layers are unrolled over per-layer weights sliced once before the decode loop
 (`layer_params`): scanning the stacked weights copied every layer's weights and cache slice
 every step (2x slower).
