@@ -203,5 +203,8 @@ def test_bad_calls_fail_before_compiling(model):
     generate(model, VOCAB, [[prompt.cond], [prompt.uncond]],
              SamplerSpec(num_streams=2, cdk_k=0, tokens_per_image=N), make_knobs(1),
              jax.random.key(0))
+  with pytest.raises(InputError, match="cache_window=-1"):
+    generate(model, VOCAB, [[prompt.cond]], SamplerSpec(cache_window=-1, tokens_per_image=N),
+             make_knobs(1), jax.random.key(0))
   with pytest.raises(InputError, match="exactly 16 codes"):
     P.image_to_text(VOCAB, np.zeros(15, int), N)
