@@ -46,3 +46,18 @@ def test_bad_pool_arguments_are_errors(stack, n, captions, message):
   generator, images, _, region = stack
   with pytest.raises(InputError, match=message):
     generator.infill_image(images, captions, region, num_candidates=n)
+
+
+def test_the_configs_cache_window_reaches_the_sampler(stack, monkeypatch):
+  from cm3leon_jax.decode import api
+  generator, images, captions, region = stack
+  specs = []
+  real = api.generate
+  monkeypatch.setattr(api, "generate", lambda *a, **k: specs.append(a[3]) or real(*a, **k))
+  decoding = generator.config.decoding
+  saved, decoding.cache_window = decoding.cache_window, 3
+  try:
+    generator.infill_image(images, captions, region, num_candidates=1, seed=0)
+  finally:
+    decoding.cache_window = saved
+  assert [s.cache_window for s in specs] == [3]

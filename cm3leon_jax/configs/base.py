@@ -188,6 +188,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.decoding.num_retrieved = 2
   c.decoding.max_text_tokens = 64
   c.decoding.seed = 0
+  # New tokens per cache window of the sampler (0: one window, the whole cache every step);
+  # smaller windows read fewer empty slots and compile one more loop copy each (decode/sampler.py).
+  c.decoding.cache_window = 256
 
   # `cm3leon eval` (cm3leon_jax/eval/suite.py): how many examples each stage of a suite uses.
   # Text-to-image costs num_prompts * num_candidates * 2 (CFG) prefills of the retrieval-

@@ -175,7 +175,7 @@ class Generator:
       use_cdk[:, n // 2:] = True  # half top-p, half CD-K (n = 1: top-p)
     spec = SamplerSpec(num_streams=2, max_new_tokens=self.n_image + 1,
                        tokens_per_image=self.n_image, top_k=d.top_k, cdk_k=d.cdk_k,
-                       stop_after_image=True)
+                       stop_after_image=True, cache_window=d.cache_window)
     knobs = make_knobs(len(cond), temperature=d.temperature if temperature is None else temperature,
                        top_p=d.top_p if top_p is None else top_p, use_cdk=use_cdk.reshape(-1),
                        cfg_weight=d.cfg_weight if cfg_weight is None else cfg_weight,
@@ -204,7 +204,7 @@ class Generator:
                    state: C.ModalityState | None = None) -> list[str]:
     d = self.config.decoding
     spec = SamplerSpec(max_new_tokens=d.max_text_tokens, tokens_per_image=self.n_image,
-                       top_k=d.top_k, allow_images=False)
+                       top_k=d.top_k, allow_images=False, cache_window=d.cache_window)
     tokens, _ = generate(self.model, self.vocab, [prompts_], spec,
                          make_knobs(len(prompts_), temperature=temperature, top_p=d.top_p),
                          jax.random.key(seed), state=state)
@@ -252,7 +252,8 @@ class Generator:
                             np.ones(len(prompts_), np.int32), self.n_image,
                             span_lens_B=np.full(len(prompts_), span), span_close=self.vocab.eos_id)
     d = self.config.decoding
-    spec = SamplerSpec(max_new_tokens=span + 1, tokens_per_image=self.n_image, top_k=d.top_k)
+    spec = SamplerSpec(max_new_tokens=span + 1, tokens_per_image=self.n_image, top_k=d.top_k,
+                       cache_window=d.cache_window)
     tokens, _ = generate(self.model, self.vocab, [[p.cond for p in prompts_]], spec,
                          make_knobs(len(prompts_), temperature=d.temperature if temperature is None
                                     else temperature, top_p=d.top_p),

@@ -68,6 +68,8 @@ def grow(model: Decoder, cache: KVCache, size: int) -> KVCache:
   extra = size - cache.size
   if extra < 0:
     raise ValueError(f"cannot grow a {cache.size}-slot cache to {size} slots")
+  if extra == 0:  # the first window: the cache prefill wrote into
+    return cache
   kv = lambda x: model.shard(jnp.pad(x, ((0, 0), (0, extra), (0, 0))), KV_AXES)
   return KVCache(tuple(kv(k) for k in cache.k_NSK), tuple(kv(v) for v in cache.v_NSK),
                  model.shard(jnp.pad(cache.segment_ids_BS, ((0, 0), (0, extra))), SLOT_AXES),

@@ -253,7 +253,7 @@ def generate(model: Decoder, vocab: Vocab, streams: list[list[np.ndarray]], spec
   if spec.num_streams >= 2 and spec.cdk_k < 1:
     raise InputError(f"decoding.cdk_k={spec.cdk_k}: must be >= 1")
   if spec.cache_window < 0:
-    raise InputError(f"cache_window={spec.cache_window}: must be >= 0 (0 = one window)")
+    raise InputError(f"decoding.cache_window={spec.cache_window}: must be >= 0 (0 = one window)")
   prompts = pad_prompts(streams, model.cfg.seq_len, spec.max_new_tokens, image_index)
   batch = len(streams[0])
   if state is None:
