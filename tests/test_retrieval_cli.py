@@ -129,3 +129,13 @@ def test_index_without_a_trained_retriever_is_one_error_line(tmp_path, capsys):
   code = cli.main(["index", "--config", "tiny", f"--config.workdir={tmp_path}"])
   err = capsys.readouterr().err
   assert code == 2 and "run `cm3leon train-retriever`" in err
+
+
+@pytest.mark.slow
+def test_index_with_a_negative_soar_lambda_fails_before_embedding(pipeline_done, tmp_path, capsys):
+  out = str(tmp_path / "index")
+  code = cli.main(["index", *args(pipeline_done.workdir, "--output", out,
+                                  "--config.retrieval.soar_lambda=-1.0")])
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith("error: ") and "retrieval.soar_lambda=-1.0" in err
+  assert not os.path.exists(out) and not os.path.exists(out + ".partial")

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_bank_index(config, embedder, source, output: str, progress: bool = True) -> Index:
   """Embed `source` (resumably), build the index, save it with its embeddings."""
   work_dir = f"{output.rstrip('/')}.partial"
+  settings_from_config(config.retrieval, 0)  # a bad retrieval.* field fails before embedding
   bank_ND = embed.document_embeddings(embedder, source, work_dir, progress=progress)
   index = Index.build(bank_ND, num_shards=config.retrieval.num_shards,
                       retrieval_config=config.retrieval)
@@ -46,7 +47,8 @@ def run(args, config) -> int:
   index = build_bank_index(config, embedder, source, output, progress=sys.stderr.isatty())
   s = index.settings[0]
   kind = "brute force" if s.brute_force else (
-      f"tree {s.num_leaves} leaves (search {s.leaves_to_search}) + AH + reorder {s.reorder}")
+      f"tree {s.num_leaves} leaves (search {s.leaves_to_search})"
+      f"{f' + SOAR {s.soar_lambda}' if s.soar_lambda else ''} + AH + reorder {s.reorder}")
   print(f"index: {index.num_vectors} documents x {index.dim} dims, {index.num_shards} shard(s), "
         f"{kind}, {time.time() - t0:.1f}s -> {output}")
   return 0
