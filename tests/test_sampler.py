@@ -10,7 +10,8 @@ from cm3leon_jax import configs
 from cm3leon_jax.decode import constraints as C
 from cm3leon_jax.decode import prompts as P
 from cm3leon_jax.decode.cache import forward_cached, init_cache
-from cm3leon_jax.decode.sampler import SamplerSpec, cache_windows, generate, make_knobs
+from cm3leon_jax.decode.sampler import (SamplerSpec, cache_windows, generate, make_knobs,
+                                        step_logits)
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.model.decoder import Decoder, DecoderConfig
 from cm3leon_jax.tokenizers.vocab import Vocab
@@ -100,6 +101,37 @@ def test_windowed_cache_samples_what_one_full_cache_samples(model):
     outs.append(generate(model, VOCAB, streams, spec, knobs, jax.random.key(4))[0])
   np.testing.assert_array_equal(outs[1], outs[0])
   np.testing.assert_array_equal(outs[2], outs[0])
+  assert len(set(outs[0].ravel().tolist())) > 4
+
+
+def test_step_logits_multiply_only_the_image_rows_while_every_row_is_inside_an_image(model):
+  x_R1D = jax.random.normal(jax.random.key(1), (3, 1, model.cfg.d_model))
+  w_VD = model.head_weight()
+  w_image_ID = w_VD[VOCAB.image_start:VOCAB.image_end]
+  full_RV = model.logits(x_R1D)[:, 0]
+  state = lambda left, done=(False, False, False): C.ModalityState(
+      jnp.array(left, jnp.int32), jnp.full((3,), VOCAB.break_id), jnp.array(done))
+  inside = step_logits(model, x_R1D, state([5, 1, 16]), w_VD, w_image_ID, VOCAB)
+  image = slice(VOCAB.image_start, VOCAB.image_end)
+  np.testing.assert_allclose(inside[:, image], full_RV[:, image], rtol=1e-5, atol=1e-5)
+  assert np.isneginf(np.asarray(inside[:, :VOCAB.image_start])).all()
+  assert np.isneginf(np.asarray(inside[:, VOCAB.image_end:])).all()
+  # One row in text (-1), closing its image (0) or done: the whole head for every row.
+  for other in (state([5, -1, 16]), state([5, 0, 16]), state([5, 1, 16], (False, True, False))):
+    np.testing.assert_array_equal(step_logits(model, x_R1D, other, w_VD, w_image_ID, VOCAB),
+                                  full_RV)
+  np.testing.assert_array_equal(step_logits(model, x_R1D, state([5, 1, 16]), w_VD, None, VOCAB),
+                                full_RV)
+
+
+def test_image_only_head_samples_what_the_whole_head_samples(model):
+  pr = [P.text_to_image(VOCAB, np.array(c)) for c in ((40, 41, 42), (50, 51))]
+  streams = [[p.cond for p in pr], [p.uncond for p in pr]]
+  knobs = make_knobs(2, temperature=5.0, cfg_weight=2.0, use_cdk=[True, False])
+  outs = [generate(model, VOCAB, streams, SamplerSpec(
+      num_streams=2, max_new_tokens=N + 1, tokens_per_image=N, stop_after_image=True,
+      image_head=image_head), knobs, jax.random.key(4))[0] for image_head in (True, False)]
+  np.testing.assert_array_equal(outs[0], outs[1])
   assert len(set(outs[0].ravel().tolist())) > 4
 
 

@@ -86,15 +86,16 @@ def layer_params(model: Decoder) -> list[dict]:
 
 def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positions_BT: jax.Array,
                    segment_ids_BT: jax.Array, start: jax.Array,
-                   layers: list[dict] | None = None, image_index_BT: jax.Array | None = None
-                   ) -> tuple[jax.Array, KVCache]:
+                   layers: list[dict] | None = None, image_index_BT: jax.Array | None = None,
+                   hidden: bool = False) -> tuple[jax.Array, KVCache]:
   """Run T new tokens (written to slots [start, start + T)) against the cache.
 
   Returns float32 logits [B, T, V] and the updated cache. T is the prompt width at prefill
   and 1 in the decode loop; `start` may be traced. `layers`: `layer_params(model)`, computed
   here when not given. `image_index_BT`: the new tokens' image-position indices
   (`Decoder.image_index` over the whole sequence so far); None computes them from these T
-  tokens alone, right at prefill when the prompt starts outside an image.
+  tokens alone, right at prefill when the prompt starts outside an image. `hidden`: return
+  the last layer's output [B, T, D] instead of the logits (`model.logits` makes them).
   """
   cfg = model.cfg
   dtype = jnp.dtype(cfg.dtype)
@@ -131,4 +132,4 @@ def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positio
                                **kwargs)
     new_k.append(k_NSK)
     new_v.append(v_NSK)
-  return model.logits(x_BTD), KVCache(tuple(new_k), tuple(new_v), seg_BS, index_BS)
+  return (x_BTD if hidden else model.logits(x_BTD)), KVCache(tuple(new_k), tuple(new_v), seg_BS, index_BS)

@@ -185,11 +185,18 @@ class Decoder(nnx.Module):
       x_BLD = x_BLD + jnp.where((is_image_BL & (image_index_BL >= 0))[..., None], rows_BLD, 0)
     return self.shard(x_BLD.astype(self.cfg.dtype), ("batch", "length", None))
 
-  def logits(self, x_BLD):
-    """Final LayerNorm + LM head -> float32 logits [B, L, V]."""
+  def head_weight(self):
+    """The LM head as [V, D] in the compute dtype (the token embedding when tied)."""
+    w_VD = self.embed[...] if self.cfg.tie_embeddings else self.head[...].T
+    return w_VD.astype(self.cfg.dtype)
+
+  def logits(self, x_BLD, w_VD=None):
+    """Final LayerNorm + LM head -> float32 logits [B, L, V].
+
+    `w_VD`: rows of `head_weight()` (e.g. only the image codes, decode/sampler.py) to score
+    those tokens alone; logits [B, L, rows]."""
     h_BLD = L.layer_norm(x_BLD)
-    dtype = self.cfg.dtype
-    w_VD = (self.embed[...] if self.cfg.tie_embeddings else self.head[...].T).astype(dtype)
+    w_VD = self.head_weight() if w_VD is None else w_VD
     return self.shard(lm_head(h_BLD, w_VD), ("batch", "length", "vocab"))
 
   def layer_fn(self):

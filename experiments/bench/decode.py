@@ -215,11 +215,13 @@ class JaxRunner:
   """One (batch, guided) shape of the compiled sampler: warm-up (compile) once, then runs."""
 
   def __init__(self, model: Decoder, vocab: Vocab, prompts: list[P.Prompt], guided: bool,
-               n_image: int, cfg_weight: float, cache_window: int | None = None):
+               n_image: int, cfg_weight: float, cache_window: int | None = None,
+               image_head: bool = True):
     self.model, self.vocab = model, vocab
     self.streams = [[p.cond for p in prompts]] + ([[p.uncond for p in prompts]] if guided else [])
     self.spec = SamplerSpec(num_streams=len(self.streams), max_new_tokens=n_image + 1,
                             tokens_per_image=n_image, stop_after_image=True,
+                            image_head=image_head,
                             **({} if cache_window is None else dict(cache_window=cache_window)))
     self.knobs = make_knobs(len(prompts), temperature=1.0, top_p=1.0, cfg_weight=cfg_weight)
     padded = pad_prompts(self.streams, model.cfg.seq_len, self.spec.max_new_tokens)
@@ -350,7 +352,7 @@ def bench_row(config, model, vocab, batch, guided, args, use_torch) -> Row:
   label = f"batch {batch}, {'CFG' if guided else 'no CFG'}"
   print(f"[{label}] compiling ...", flush=True)
   jax_runner = JaxRunner(model, vocab, prompts, guided, n_image, args.cfg_weight,
-                         args.cache_window)
+                         args.cache_window, not args.full_head)
   compile_s = jax_runner.compile()
   torch_runner = None
   if use_torch:
@@ -409,7 +411,7 @@ def bandwidth_check(preset: str, overrides: list[str], args) -> dict:
   model = Decoder(DecoderConfig.from_config(config), rngs=nnx.Rngs(0))
   n_image = tokens_per_image(config)
   runner = JaxRunner(model, vocab, make_prompts(vocab, 1, args.prompt_len), False, n_image,
-                     args.cfg_weight, args.cache_window)
+                     args.cfg_weight, args.cache_window, not args.full_head)
   compile_s = runner.compile()
   seconds = statistics.median(runner.run()[0] for _ in range(args.repeats))
   new = n_image + 1
@@ -459,6 +461,8 @@ def parse_args(argv=None):
                       help="SamplerSpec.cache_window (new tokens per cache window; 0: one window)")
   parser.add_argument("--repeats-large", type=int, default=2,
                       help="repeats at batch >= 8 (minutes per run on a 2-core CPU)")
+  parser.add_argument("--full-head", action="store_true",
+                      help="SamplerSpec.image_head=False: the whole LM head inside images too")
   parser.add_argument("--no-cfg", action="store_true", help="only the rows without guidance")
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--torch-threads", default="auto", help="'auto' or a number")

@@ -4,9 +4,9 @@
     python experiments/bench/gpu_profile.py --train-config tiny --decode-config tiny  # anywhere
 
 Runs `jax.profiler.trace` (perfetto JSON) around a few train steps of `--train-config`
-(batch `--batch`, synthetic data, the trainer's real step) and around one batch-1 decode of an
-image with `--decode-config` (the sampler's real compiled loop), then prints, per part, the
-device time by kernel class (matmul, attention, fused elementwise/reductions, copies, ...),
+(batch `--batch`, synthetic data, the trainer's real step) and around one decode of an image
+per prompt (`--decode-batch` prompts, default 1) with `--decode-config` (the sampler's real
+compiled loop), then prints, per part, the device time by kernel class (matmul, attention, fused elementwise/reductions, copies, ...),
 the top kernels with the HLO op they belong to, and for decoding the kernels launched and the
 device-busy fraction per generated token (a busy fraction well below 1 means the loop waits on
 launches and host syncs, not on memory). Off GPU the trace holds host threads only; the same
@@ -128,20 +128,20 @@ def profile_train(config_name: str, batch: int, overrides: list[str], steps: int
 
 
 def profile_decode(config_name: str, overrides: list[str], prompt_len: int,
-                   trace_dir: str) -> dict:
+                   trace_dir: str, batch: int = 1) -> dict:
   from experiments.bench import decode as D
   args = D.parse_args(["--prompt-len", str(prompt_len)])
   config, _ = D.load_config(config_name, list(overrides), prompt_len)
   vocab = D.Vocab.from_config(config)
   model = D.Decoder(D.DecoderConfig.from_config(config), rngs=D.nnx.Rngs(0))
   n_image = D.tokens_per_image(config)
-  runner = D.JaxRunner(model, vocab, D.make_prompts(vocab, 1, prompt_len), False, n_image,
+  runner = D.JaxRunner(model, vocab, D.make_prompts(vocab, batch, prompt_len), False, n_image,
                        args.cfg_weight)
   runner.compile()
   runner.run()  # warm
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     seconds, _, _ = runner.run()
-  print(f"\nDecode: {config_name} ({', '.join(overrides) or 'preset'}), batch 1, no CFG, "
+  print(f"\nDecode: {config_name} ({', '.join(overrides) or 'preset'}), batch {batch}, no CFG, "
         f"{prompt_len}-token prompt + {n_image + 1} tokens: {1e3 * seconds / (n_image + 1):.3f} "
         "ms/token (profiled)")
   return summarise(load_trace(trace_dir), seconds, n_image + 1, "token")
@@ -158,6 +158,7 @@ def main(argv=None):
   p.add_argument("--decode-override", nargs="*",
                  default=["model.param_dtype=bfloat16", "model.dtype=bfloat16"])
   p.add_argument("--prompt-len", type=int, default=32)
+  p.add_argument("--decode-batch", type=int, default=1, help="prompts per decode call")
   p.add_argument("--parts", default="train,decode")
   p.add_argument("--trace-dir", default="/tmp/gpu_profile")
   args = p.parse_args(argv)
@@ -168,7 +169,7 @@ def main(argv=None):
                                  os.path.join(args.trace_dir, "train"))
   if "decode" in args.parts:
     out["decode"] = profile_decode(args.decode_config, args.decode_override, args.prompt_len,
-                                   os.path.join(args.trace_dir, "decode"))
+                                   os.path.join(args.trace_dir, "decode"), args.decode_batch)
   return out
 
 
