@@ -129,3 +129,67 @@ def test_eval_command_with_an_unknown_suite_is_one_error_line(tmp_path, capsys):
   code = cli.main(["eval", "--config", "tiny", f"--config.workdir={tmp_path}", "--suite", "x"])
   assert code == cli.EXIT_INPUT_ERROR
   assert "unknown suite" in capsys.readouterr().err
+
+
+class _ScriptedAnswerer:
+  """Answers Shapes questions about a red circle at the top left: right on colour, count and
+  position, always 'square' on shape."""
+
+  def __init__(self):
+    self.questions = []
+
+  def answer(self, images, questions):
+    self.questions += list(questions)
+    out = []
+    for q in questions:
+      if q.startswith("What colour"):
+        out.append("red")
+      elif q.startswith("What shape"):
+        out.append("square")
+      elif q.startswith("Where"):
+        out.append("top left")
+      elif q == "How many objects are there?":
+        out.append("one")  # normalised to "1" like the reference
+      else:  # "How many <colour> objects are there?"
+        out.append("1" if " red " in q else "0")
+    return out
+
+
+def test_vqa_stage_scores_each_question_kind_beside_the_language_prior():
+  from cm3leon_jax.data import shapes
+  scene = shapes.Scene((shapes.Obj("circle", "red", "small", 0, 0),))
+  records = [{"image": shapes.render(scene, 16), "text": "a small red circle", "scene": scene}] * 8
+  answerer = _ScriptedAnswerer()
+  metrics, _ = suite.run_suite("vqa", configs.load("tiny", ["eval.num_vqa=8"]), answerer,
+                               records=lambda split: records, log=lambda _: None)
+  m = metrics["vqa"]
+  assert m["num_questions"] == 8 and len(answerer.questions) == 8
+  # Two questions per kind, in turn: colour, shape, count, position.
+  assert answerer.questions[0].startswith("What colour")
+  assert answerer.questions[1].startswith("What shape")
+  assert m["by_kind"] == {"colour": 1.0, "shape": 0.0, "count": 1.0, "position": 1.0}
+  assert m["accuracy"] == pytest.approx(0.75)
+  # Every scene is the same: the most frequent answer is right for colour, shape, position.
+  assert m["prior_by_kind"]["colour"] == m["prior_by_kind"]["shape"] == 1.0
+  assert m["prior_by_kind"]["position"] == 1.0
+  text = report.markdown(metrics)
+  assert "## Visual question answering" in text and "VQA accuracy 75.0%" in text
+
+
+def test_vqa_stage_with_no_questions_asked_for_is_an_error():
+  with pytest.raises(InputError, match="num_vqa=0"):
+    suite.run_suite("vqa", configs.load("tiny", ["eval.num_vqa=0"]), _ScriptedAnswerer(),
+                    records=lambda split: [], log=lambda _: None)
+
+
+def test_generator_answers_questions_with_text_on_a_tiny_random_stack(tmp_path):
+  config = configs.load("tiny")
+  generator, _ = tiny_generator(config, str(tmp_path / "bank"))
+  images = np.stack([r["image"] for r in shapes_records("eval", 2, config.vq.image_size)])
+  answers = generator.answer(images, ["What colour is the object at the top left?",
+                                      "How many objects are there?"])
+  assert len(answers) == 2 and all(isinstance(a, str) and "." not in a for a in answers)
+  with pytest.raises(InputError, match="2 images but 1 questions"):
+    generator.answer(images, ["What shape?"])
+  with pytest.raises(InputError, match="empty question"):
+    generator.answer(images, ["", " "])

@@ -201,6 +201,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_captions = 64  # eval images captioned (caption attribute recall, CIDEr-D)
   c.eval.num_binding = 48  # single-object eval scenes of the attribute-binding probe
   c.eval.num_infill = 32  # eval images infilled
+  c.eval.num_vqa = 64  # eval images asked one question each (`--suite vqa`; kinds in turn)
   c.eval.infill_row = 1  # the 3x3 grid row whose band of code rows is masked (1 = middle)
   c.eval.num_fid_real = 300  # real held-out single-object images FID compares against
   c.eval.fid_features = "encoder"  # encoder (dual encoder image tower) | pixels | inception

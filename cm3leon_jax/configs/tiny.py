@@ -63,5 +63,6 @@ def get_config(arg=None):
   c.eval.num_captions = 4
   c.eval.num_infill = 4
   c.eval.num_binding = 4
+  c.eval.num_vqa = 4
   c.eval.num_fid_real = 16
   return c

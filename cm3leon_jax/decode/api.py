@@ -4,6 +4,7 @@
     result = gen.text_to_image(["a red circle at the top left"], num_candidates=8)
     result.images_BHWC                                 # the best candidate per prompt
     gen.caption(images_BHWC)                           # -> list of str
+    gen.answer(images_BHWC, ["What shape is the object at the top left?"])  # VQA, -> str
     gen.infill_image(images_BHWC, captions, region_mask_N)
 
 Candidate pools (REFERENCE.md section 5): n samples per prompt, drawn with CFG + top-p
@@ -27,7 +28,7 @@ from cm3leon_jax.decode import prompts as P
 from cm3leon_jax.decode.likelihood import continuation_nll
 from cm3leon_jax.decode.sampler import SamplerSpec, generate, make_knobs
 from cm3leon_jax.errors import InputError
-from cm3leon_jax.tokenizers.vocab import Document, Vocab
+from cm3leon_jax.tokenizers.vocab import Document, ImageSegment, TextSegment, Vocab
 
 POOLS = ("top_p", "cdk", "mixed")
 
@@ -224,6 +225,20 @@ class Generator:
       docs, _ = self.retrieve(None, image, num_retrieved)
       prompts_.append(P.image_to_text(self.vocab, c, self.n_image, infill=infill, retrieved=docs).cond)
     return self._decode_text(prompts_, temperature, seed)
+
+  def answer(self, images_BHWC, questions: Sequence[str], *, seed: int = 0) -> list[str]:
+    """Visual question answering with the VQA task's template (data/tasks.py, image first):
+    `<eos> <break> I <break> Question: {q} Answer:` -> greedy text up to its first '.'."""
+    if len(images_BHWC) != len(questions):
+      raise InputError(f"answer: {len(images_BHWC)} images but {len(questions)} questions")
+    if any(not q.strip() for q in questions):
+      raise InputError("answer: an empty question")
+    codes = self.image_tokenizer.encode(images_BHWC)
+    prompts_ = []
+    for c, q in zip(codes, questions):
+      text = np.asarray(self.text_tokenizer.encode(f"Question: {q.strip()} Answer:"))
+      prompts_.append(P.continuation(self.vocab, [ImageSegment(c), TextSegment(text)]).cond)
+    return [t.split(".")[0].strip() for t in self._decode_text(prompts_, 0.0, seed)]
 
   def infill_image(self, images_BHWC, captions: Sequence[str] | None, region_mask_N, *,
                    temperature: float | None = None, num_candidates: int = 1,

@@ -160,6 +160,22 @@ def _infilling(m: dict) -> list[str]:
   return out
 
 
+def _vqa(m: dict) -> list[str]:
+  out = ["## Visual question answering", "",
+         f"{m['num_questions']} images of the `{m['split']}` split, one question each (colour, "
+         "shape, count, position in turn), answered greedily after `<break> image <break> "
+         "Question: ... Answer:` (the VQA template of data/tasks.py). VQAv2 accuracy with the "
+         "one exact reference; *prior* = always the most frequent answer of the question's kind, "
+         "without the image. A decoder that was never instruction-tuned on this template "
+         "(`cm3leon train` alone) is not expected to beat the prior.", ""]
+  rows = [[kind, _pct(m["by_kind"][kind]), _pct(m["prior_by_kind"][kind])] for kind in m["by_kind"]]
+  rows.append(["**all**", _pct(m["accuracy"]), _pct(m["prior"])])
+  out += table(["question kind", "decoder", "prior"], rows) + [""]
+  out += table(["question", "answer", "decoder's answer"],
+               [[e["question"], e["answer"], e["prediction"]] for e in m["examples"]]) + [""]
+  return out
+
+
 def _seconds(metrics: dict, stage_seconds: dict[str, float]) -> list[str]:
   # The quickstart's own record of this evaluation (from an earlier run) is replaced by the
   # evaluation's per-stage times, so the total counts it once.
@@ -185,6 +201,9 @@ def markdown(metrics: dict, stage_seconds: dict[str, float] | None = None) -> st
     headline.append(f"caption attribute recall (all) {_pct(metrics['captioning']['recall']['all'])}")
   if "infilling" in metrics:
     headline.append(f"infilling accuracy {_pct(metrics['infilling']['accuracy']['all'])}")
+  if "vqa" in metrics:
+    headline.append(f"VQA accuracy {_pct(metrics['vqa']['accuracy'])} "
+                    f"(prior {_pct(metrics['vqa']['prior'])})")
   if headline:
     out += ["Headline: " + "; ".join(headline) + ".", ""]
   if "text_to_image" in metrics:
@@ -195,6 +214,8 @@ def markdown(metrics: dict, stage_seconds: dict[str, float] | None = None) -> st
     out += _captioning(metrics["captioning"])
   if "infilling" in metrics:
     out += _infilling(metrics["infilling"]) + ["![infill](infill.png)", ""]
+  if "vqa" in metrics:
+    out += _vqa(metrics["vqa"])
   out += _seconds(metrics, stage_seconds or {})
   return "\n".join(out)
 

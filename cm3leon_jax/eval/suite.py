@@ -18,6 +18,9 @@ Stages (each reads its counts from `config.eval`):
 - infilling: eval images with an object in grid row `infill_row`; the band of code rows over that
   row is masked and regenerated from the rest of the image and the caption; analyzer accuracy
   against the scene, between "band erased" (lower) and "VQ reconstruction" (upper) bounds.
+- vqa (its own suite): one question per eval image (colour, shape, count, position in turn),
+  answered greedily with the VQA task's template; VQAv2 accuracy per kind beside the language
+  prior (the most frequent answer, image unseen).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ SUITES = {
     "captioning": ("captioning",),
     "infilling": ("infilling",),
     "binding": ("binding",),
+    # Not in the quickstart suite: a pretrained decoder never saw the question template; this
+    # measures an instruction-tuned checkpoint (REFERENCE.md section 6).
+    "vqa": ("vqa",),
 }
 NUM_EXAMPLES = 8  # captions listed in the report
 MASK_GREY = 128  # how the masked band is drawn in infill.png
@@ -227,8 +233,47 @@ def infilling(config, generator, embedder, records: Records) -> tuple[dict, dict
   }, {"infill": (images, masked, infilled)}
 
 
+def vqa(config, generator, embedder, records: Records) -> tuple[dict, dict]:
+  """One question per eval image, the kinds of data/tasks.py in turn, answered greedily with
+  the VQA template; VQAv2 accuracy (eval/vqa.py, one exact reference answer) per kind, beside
+  the language prior: the most frequent answer of the kind among these questions, given
+  without looking at the image."""
+  del embedder
+  from cm3leon_jax.data.tasks import VQA_KINDS, make_vqa
+  from cm3leon_jax.eval.vqa import mean_vqa_accuracy as percent
+  mean_vqa_accuracy = lambda p, r: percent(p, r) / 100.0  # fractions, as every other metric
+  count = int(config.eval.num_vqa)
+  if count < 1:
+    raise InputError(f"--config.eval.num_vqa={count}: must be >= 1")
+  chosen = _take(records("eval"), lambda r: True, count)
+  if not chosen:
+    raise InputError("eval: the eval split is empty")
+  rng = np.random.default_rng([int(config.eval.seed), 7])
+  kinds = [VQA_KINDS[i % len(VQA_KINDS)] for i in range(len(chosen))]
+  qa = [make_vqa(r["scene"], rng, kind) for r, kind in zip(chosen, kinds)]
+  predictions = generator.answer(_images(chosen), [q for q, _ in qa])
+  by_kind, prior = {}, {}
+  for kind in VQA_KINDS:
+    rows = [i for i, k in enumerate(kinds) if k == kind]
+    if not rows:
+      continue
+    answers = [qa[i][1] for i in rows]
+    common = max(sorted(set(answers)), key=answers.count)
+    by_kind[kind] = mean_vqa_accuracy([predictions[i] for i in rows], [[a] for a in answers])
+    prior[kind] = mean_vqa_accuracy([common] * len(rows), [[a] for a in answers])
+  references = [[a] for _, a in qa]
+  return {
+      "num_questions": len(chosen), "split": "eval",
+      "accuracy": mean_vqa_accuracy(predictions, references),
+      "prior": float(np.mean([prior[kinds[i]] for i in range(len(chosen))])),
+      "by_kind": by_kind, "prior_by_kind": prior,
+      "examples": [{"question": q, "answer": a, "prediction": p}
+                   for (q, a), p in zip(qa[:NUM_EXAMPLES], predictions)],
+  }, {}
+
+
 STAGES = {"text_to_image": text_to_image, "binding": binding, "captioning": captioning,
-          "infilling": infilling}
+          "infilling": infilling, "vqa": vqa}
 
 
 def run_suite(name: str, config, generator, embedder=None, records: Records | None = None,
