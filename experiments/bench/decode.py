@@ -102,6 +102,22 @@ GB/s (M = 8 runs slower per byte than the M = 1 matrix-vector path; XLA's Eigen 
 `--xla_cpu_experimental_ynn_fusion_type=-individual_dot`, were slower still: 16 ms per step) and
 4 ms the attention dots over the windowed cache at ~44 GB/s. Windows of 128 / 64 steps: +3% /
 +4% tokens/s at batch 8 for 1.6x / 2.8x the compile time; 256 kept.
+
+Next session (same machine type, `python experiments/bench/decode.py`, load 1.4-2.0), after
+the sampler stopped multiplying the whole LM head inside an image (`sampler.step_logits`:
+while every row is inside an image only the image codes' rows, half of this vocabulary, an
+eighth of the bytes a batch-1 step reads; `--full-head` turns it off). JAX-only A/B runs
+before this table, batch 1: 255 / 267 vs 235 / 244 tok/s; batch 8: 767 / 800 vs 726 / 715:
+
+| batch | CFG | JAX tok/s | s/image | HF tok/s | s/image | ratio | CPU-s ratio |
+|---|---|---|---|---|---|---|---|
+| 1 | no | 229.6 | 4.46 | 85.8 | 11.95 | 2.68x | 3.11x |
+| 1 | yes | 194.0 | 5.28 | 41.8 | 24.51 | 4.64x | 2.63x |
+| 8 | no | 776.0 | 1.32 | 277.5 | 3.69 | 2.80x | 3.06x |
+| 8 | yes | 502.4 | 2.04 | 152.4 | 6.73 | 3.30x | 3.58x |
+
+3x still met only with CFG. Tried and rejected: a bfloat16 KV cache with float32 compute
+(XLA's CPU dots convert it back: batch 8 fell from 747 to 411 tok/s).
 """
 
 from __future__ import annotations
