@@ -6,8 +6,9 @@
 codebook); a 512-entry byte-level BPE text tokenizer; a small dual encoder (conv stem, hard
 negatives); a 4-layer d=128 decoder with image-position embeddings trained 5600 steps of
 4 x 384-token retrieval-augmented CM3 sequences. Budget: the whole run within 15 minutes on
-2 CPU cores (13.4 min measured on a 2-core AMD EPYC, the decoder 8.8 of them; a slower machine
-can go past 15: `--config.train.steps=2800` halves the decoder at the cost of the shapes);
+2 CPU cores (13.4 and 13.6 min measured on a 2-core AMD EPYC, the decoder ~9 of them; a
+slower machine can go past 15: `--config.train.steps=2800` halves the decoder at the cost of
+the shapes);
 `<workdir>/report.md` lists the wall time of every stage and the scores.
 """
 
@@ -105,7 +106,7 @@ def get_config(arg=None):
   c.optimizer.peak_lr = 6e-3
   c.optimizer.warmup_steps = 50
   c.workdir = "outputs/quickstart"
-  # 5,600 steps (0.092 s/step here: 8.8 min). Shape is the last attribute the decoder learns:
+  # 5,600 steps (0.092 s/step here: ~9 min). Shape is the last attribute the decoder learns:
   # the binding probe's shape row (true caption's image NLL lowest among the shape swaps) was
   # 44% at 2,800 steps (the old encoder), 60% at 4,200 and 81% at 5,600 (fresh runs);
   # text-to-image all-attributes on seen / never-seen pairs, 64 prompts each: 2,800 steps
