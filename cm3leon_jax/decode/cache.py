@@ -132,4 +132,5 @@ def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positio
                                **kwargs)
     new_k.append(k_NSK)
     new_v.append(v_NSK)
-  return (x_BTD if hidden else model.logits(x_BTD)), KVCache(tuple(new_k), tuple(new_v), seg_BS, index_BS)
+  out = x_BTD if hidden else model.logits(x_BTD)
+  return out, KVCache(tuple(new_k), tuple(new_v), seg_BS, index_BS)

@@ -6,11 +6,12 @@
 Runs `jax.profiler.trace` (perfetto JSON) around a few train steps of `--train-config`
 (batch `--batch`, synthetic data, the trainer's real step) and around one decode of an image
 per prompt (`--decode-batch` prompts, default 1) with `--decode-config` (the sampler's real
-compiled loop), then prints, per part, the device time by kernel class (matmul, attention, fused elementwise/reductions, copies, ...),
-the top kernels with the HLO op they belong to, and for decoding the kernels launched and the
-device-busy fraction per generated token (a busy fraction well below 1 means the loop waits on
-launches and host syncs, not on memory). Off GPU the trace holds host threads only; the same
-summary then shows the CPU executor's ops, which is how the tests check the parsing.
+compiled loop), then prints, per part, the device time by kernel class (matmul, attention,
+fused elementwise/reductions, copies, ...), the top kernels with the HLO op they belong to,
+and for decoding the kernels launched and the device-busy fraction per generated token (a busy
+fraction well below 1 means the loop waits on launches and host syncs, not on memory). Off GPU
+the trace holds host threads only; the same summary then shows the CPU executor's ops, which
+is how the tests check the parsing.
 The raw traces stay in `--trace-dir` (open them in https://ui.perfetto.dev).
 """
 
