@@ -153,6 +153,12 @@ def make_vqa(scene: Scene, rng: np.random.Generator, kind: str | None = None) ->
   raise InputError(f"vqa kind {kind!r}: expected one of {VQA_KINDS}")
 
 
+def vqa_text(question: str, answer: str | None = None) -> str:
+  """The VQA record's text; without an answer, the prompt a model completes (decode/api.py)."""
+  prompt = f"Question: {question} Answer:"
+  return prompt if answer is None else f"{prompt} {answer}."
+
+
 def make_task(task: str, seed: int, index: int, split: str = "train", size: int = 32,
               max_objects: int = 3) -> TaskRecord:
   """Task record `index` of `task` in `split`: a pure function of its arguments."""
@@ -185,7 +191,7 @@ def make_task(task: str, seed: int, index: int, split: str = "train", size: int 
                              shapes.seg_image(shapes.segmentation(scene, size))), None)
   if task == "vqa":
     question, answer = make_vqa(scene, rng)
-    return TaskRecord(task, (image, f"Question: {question} Answer: {answer}."), None, answer)
+    return TaskRecord(task, (image, vqa_text(question, answer)), None, answer)
   # how_to_write: a word (or two) that fits the canvas
   capacity = shapes.glyph_capacity(size)
   words = [w for w in _WORDS if len(w) <= capacity] or [_WORDS[0][:capacity]]

@@ -23,6 +23,7 @@ import numpy as np
 
 from cm3leon_jax.configs.base import tokens_per_image
 from cm3leon_jax.data import records
+from cm3leon_jax.data.tasks import vqa_text
 from cm3leon_jax.decode import constraints as C
 from cm3leon_jax.decode import prompts as P
 from cm3leon_jax.decode.likelihood import continuation_nll
@@ -236,7 +237,7 @@ class Generator:
     codes = self.image_tokenizer.encode(images_BHWC)
     prompts_ = []
     for c, q in zip(codes, questions):
-      text = np.asarray(self.text_tokenizer.encode(f"Question: {q.strip()} Answer:"))
+      text = np.asarray(self.text_tokenizer.encode(vqa_text(q.strip())))
       prompts_.append(P.continuation(self.vocab, [ImageSegment(c), TextSegment(text)]).cond)
     return [t.split(".")[0].strip() for t in self._decode_text(prompts_, 0.0, seed)]
 

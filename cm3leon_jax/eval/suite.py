@@ -240,8 +240,9 @@ def vqa(config, generator, embedder, records: Records) -> tuple[dict, dict]:
   without looking at the image."""
   del embedder
   from cm3leon_jax.data.tasks import VQA_KINDS, make_vqa
-  from cm3leon_jax.eval.vqa import mean_vqa_accuracy as percent
-  mean_vqa_accuracy = lambda p, r: percent(p, r) / 100.0  # fractions, as every other metric
+  from cm3leon_jax.eval.vqa import vqa_accuracy
+  # A fraction, as every other metric here (mean_vqa_accuracy gives percent).
+  mean_vqa_accuracy = lambda preds, refs: float(np.mean(list(map(vqa_accuracy, preds, refs))))
   count = int(config.eval.num_vqa)
   if count < 1:
     raise InputError(f"--config.eval.num_vqa={count}: must be >= 1")
