@@ -37,7 +37,7 @@ COMMANDS = {
                  "cm3leon_jax.retrieval.retrieve"),
     "train": ("pretrain the decoder on retrieval-augmented CM3 batches",
               "cm3leon_jax.train.train_cli"),
-    "sft": ("instruction-tune the decoder on the Shapes task mixture", "the SFT issue (not filed)"),
+    "sft": ("instruction-tune the decoder on the Shapes task mixture", "cm3leon_jax.train.sft"),
     "generate": ("sample text and images (CFG, CD-K, retrieval, re-ranking)",
                  "cm3leon_jax.decode.generate_cli"),
     "eval": ("run an evaluation suite on a checkpoint", "cm3leon_jax.eval.eval_cli"),

@@ -20,6 +20,8 @@ class Artifacts:
   index: str              # ScaNN index over the memory bank
   neighbours: str         # static neighbours per training document
   decoder: str            # decoder checkpoints, metrics
+  sft_tokens: str         # instruction-tuning token documents, one directory per task
+  sft: str                # instruction-tuned decoder checkpoints, metrics (`cm3leon sft`)
   samples: str            # generations
   eval: str               # evaluation reports
 
@@ -37,6 +39,8 @@ def artifacts(config) -> Artifacts:
       index=join("index"),
       neighbours=join("neighbours"),
       decoder=join("decoder"),
+      sft_tokens=join("sft_tokens"),
+      sft=join("sft"),
       samples=join("samples"),
       eval=join("eval"),
   )

@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 
@@ -69,11 +70,12 @@ ITEMS = {
 }
 STATE_FILE = "cells.json"
 UPSTREAM_END = "decoder"  # quickstart stages before this one make the shared artifacts
-# The start-up cost estimate, from rates of the quickstart preset on a 2-core CPU: 0.15 s per
-# decoder step (batch 4 x 384 tokens) and ~240 s of upstream stages on a quiet machine
+# The start-up cost estimate, from rates of the quickstart preset on a 2-core CPU: 0.1 s per
+# decoder step (batch 4 x 384 tokens; 550 s for 5,600 steps with eval and checkpoints) and ~240 s
+# of upstream stages on a quiet machine
 # (quickstart.py's record); 0.08 s per text-to-image candidate measured at load average ~9
 # (compiles included), an upper bound.
-SECONDS_PER_STEP = 0.15
+SECONDS_PER_STEP = 0.1
 SECONDS_PER_SAMPLE = 0.08
 SECONDS_UPSTREAM = 240.0
 
@@ -300,9 +302,44 @@ def link_upstream(plan: Plan, root: str, directory: str) -> None:
       os.symlink(os.path.abspath(src), dst)
 
 
+# The config sections that decide what a decoder learns (decoding and eval do not).
+TRAINING_SECTIONS = ("vocab", "text_tokenizer", "vq", "data", "retrieval", "model", "optimizer",
+                     "train", "mesh")
+
+
+def reusable_decoder(plan: Plan, variant: str, index: int) -> str | None:
+  """The --from-workdir run's decoder directory when it is exactly this run's decoder: the
+  recipe's variant of the first seed, its last checkpoint saved with the same training config
+  (checkpoint.py stores the config beside the state). None otherwise."""
+  if not plan.from_workdir or VARIANTS[variant] or index:
+    return None
+  source = artifacts(load_config(plan, f"workdir={plan.from_workdir}")).decoder
+  ckpts = os.path.join(source, "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+  if not steps:
+    return None
+  try:
+    with open(os.path.join(ckpts, str(max(steps)), "config", "metadata")) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+  wanted = json.loads(load_config(plan, *train_overrides(plan, variant, index)).to_json_best_effort())
+  same = all(saved.get(s) == wanted.get(s) for s in TRAINING_SECTIONS)
+  return source if same and max(steps) == int(wanted["train"]["steps"]) else None
+
+
 def train_run(plan: Plan, root: str, variant: str, index: int) -> None:
-  """One decoder variant, through `cm3leon train` (which itself resumes from checkpoints)."""
-  link_upstream(plan, root, run_dir(plan, variant, index))
+  """One decoder variant, through `cm3leon train` (which itself resumes from checkpoints). The
+  recipe's first-seed decoder is copied from --from-workdir when that run trained the same one
+  (copied, not linked, so nothing here writes into the user's run)."""
+  directory = run_dir(plan, variant, index)
+  link_upstream(plan, root, directory)
+  source = reusable_decoder(plan, variant, index)
+  target = artifacts(load_config(plan, *train_overrides(plan, variant, index))).decoder
+  if source and not os.path.exists(target):
+    print(f"ablations: {variant} seed {index} is the decoder of {plan.from_workdir}; copying it",
+          flush=True)
+    shutil.copytree(source, target)
   code = cli.main(["train", *_argv(plan, *train_overrides(plan, variant, index))])
   if code:
     raise RuntimeError(f"training {variant} seed {index} failed (exit {code})")
@@ -368,7 +405,9 @@ def _records(config):
 # --- the run ---------------------------------------------------------------------------------
 
 def estimate(plan: Plan, todo: list[tuple[Cell, object]], store: Store) -> str:
-  trainings = {f"{c.variant}/seed{c.train_index}" for c, _ in todo} - set(store.data["trained"])
+  trainings = {f"{c.variant}/seed{c.train_index}" for c, _ in todo
+               if not reusable_decoder(plan, c.variant, c.train_index)}
+  trainings -= set(store.data["trained"])
   steps = int(load_config(plan).train.steps)
   samples = sum(int(cfg.eval.num_prompts) * int(cfg.eval.num_candidates) for c, cfg in todo
                 if c.task == "t2i")

@@ -193,3 +193,32 @@ def test_generator_answers_questions_with_text_on_a_tiny_random_stack(tmp_path):
     generator.answer(images, ["What shape?"])
   with pytest.raises(InputError, match="empty question"):
     generator.answer(images, ["", " "])
+
+
+def test_caption_instruction_follows_the_image_in_the_prompt(tmp_path):
+  config = configs.load("tiny")
+  generator, _ = tiny_generator(config, str(tmp_path / "bank"))
+  images = np.stack([r["image"] for r in shapes_records("eval", 2, config.vq.image_size)])
+  seen = []
+  generator._decode_text = lambda prompts_, t, seed: seen.extend(prompts_) or [" a cat "] * 2
+  assert generator.caption(images, instruction="Describe the given picture.") == ["a cat"] * 2
+  codes = generator.image_tokenizer.encode(images)
+  words = generator.text_tokenizer.encode("Describe the given picture.")
+  vocab = generator.vocab
+  # <eos> <break> I <break> Describe the given picture.   (the SFT record without its caption)
+  want = np.concatenate([[vocab.eos_id, vocab.break_id], vocab.image_to_ids(codes[0]),
+                         [vocab.break_id], vocab.text_to_ids(words)])
+  np.testing.assert_array_equal(seen[0], want)
+  with pytest.raises(InputError, match="an instruction needs the causal prompt"):
+    generator.caption(images, instruction="Describe.", infill=True)
+
+
+def test_captioning_suite_uses_the_configured_instruction(tmp_path):
+  config = configs.load("tiny", ["eval.caption_instruction=Describe the given picture."])
+  generator, embedder = tiny_generator(config, str(tmp_path / "bank"))
+  used = []
+  generator.caption = lambda images, instruction=None: used.append(instruction) or [
+      "a small red circle"] * len(images)
+  records = {"eval": shapes_records("eval", 4, config.vq.image_size)}
+  m, _ = suite.captioning(config, generator, embedder, lambda split: records[split])
+  assert used == ["Describe the given picture."] and m["instruction"] == used[0]

@@ -143,5 +143,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, field = path.split(".")
     if config[section][field] < 1:
       raise InputError(f"--config.{path}={config[section][field]}: must be >= 1")
+  if "sft" in config:
+    sft = config.sft
+    for field, ok, rule in (("steps", sft.steps >= 1, ">= 1"),
+                            ("records_per_task", sft.records_per_task >= 1, ">= 1"),
+                            ("eval_records_per_task", sft.eval_records_per_task >= 0, ">= 0"),
+                            ("peak_lr", sft.peak_lr > 0, "> 0"),
+                            ("warmup_steps", sft.warmup_steps >= 0, ">= 0"),
+                            ("balance_up", sft.balance_up >= 1, ">= 1"),
+                            ("balance_down", 0 < sft.balance_down <= 1, "in (0, 1]"),
+                            ("pretrain_weight", sft.pretrain_weight >= 0, ">= 0"),
+                            ("eval_every", sft.eval_every >= 0, ">= 0"),
+                            ("checkpoint_every", sft.checkpoint_every >= 0, ">= 0")):
+      if not ok:
+        raise InputError(f"--config.sft.{field}={sft[field]}: must be {rule}")
   if config.vq.get("warmup_steps", 0) < 0:
     raise InputError(f"--config.vq.warmup_steps={config.vq.warmup_steps}: must be >= 0")

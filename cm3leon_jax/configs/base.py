@@ -1,6 +1,7 @@
 """Every config field, with defaults. Presets start here and change what they need.
 
-Sections: vocab, text_tokenizer, vq, data, retrieval, model, optimizer, train, mesh, decoding.
+Sections: vocab, text_tokenizer, vq, data, retrieval, model, optimizer, train, sft, mesh,
+decoding, eval.
 Sizes derived from others (the vocabulary size, tokens per image) are computed by code
 (`Vocab.from_config`, `tokens_per_image`), never stored twice.
 """
@@ -168,6 +169,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
 
+  # `cm3leon sft` (train/sft.py): instruction tuning (REFERENCE.md 6), the CM3 objective on the
+  # Shapes task records (data/tasks.py), starting from the pretrained decoder's parameters with
+  # a fresh optimizer. Everything else (batch, mesh, optimizer betas, clipping) is train's and
+  # optimizer's. Paper: LR 5e-5, warmup 150, ~30B tokens in 2M-token batches (~15k steps).
+  c.sft = ml_collections.ConfigDict()
+  c.sft.tasks = "caption_image,image_caption,edit,grounded,seg_to_image,edge_to_image," \
+                "segmentation,vqa,how_to_write"  # comma-separated data/tasks.py TASKS
+  c.sft.records_per_task = 20000  # training records rendered per task (train scenes)
+  c.sft.eval_records_per_task = 64  # held-out loss records per task (eval scenes)
+  # Mixture balancing (paper: thresholds 3 / 0.3): a task's sampling weight is its share of
+  # the records scaled towards equal shares, by at most balance_up and at least balance_down.
+  c.sft.balance_up = 3.0
+  c.sft.balance_down = 0.3
+  # The pretraining documents (with their retrieved neighbours) as one more member of the
+  # mixture, weighted like this many SFT tasks (0: instruction data only).
+  c.sft.pretrain_weight = 0.0
+  c.sft.steps = 15000
+  c.sft.peak_lr = 5e-5
+  c.sft.warmup_steps = 150
+  c.sft.eval_every = 1000  # held-out loss on the tasks' eval records; 0: never
+  c.sft.checkpoint_every = 1000
+
   # Mesh ('data', 'fsdp', 'tensor'); -1 takes the remaining devices. Multi-slice puts data
   # across slices.
   c.mesh = ml_collections.ConfigDict()
@@ -199,6 +222,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_prompts = 32  # held-out single-object prompts (text-to-image)
   c.eval.num_candidates = 8  # pool per prompt, re-ranked (the paper's 8)
   c.eval.num_captions = 64  # eval images captioned (caption attribute recall, CIDEr-D)
+  # Text after the image in the captioning prompt: "" = the pretraining causal prompt
+  # `<break> I <break>`; "Describe the given picture." = the SFT template (data/tasks.py), for a
+  # decoder from `cm3leon sft`, which answers the bare prompt with a question of its own.
+  c.eval.caption_instruction = ""
   c.eval.num_binding = 48  # single-object eval scenes of the attribute-binding probe
   c.eval.num_infill = 32  # eval images infilled
   c.eval.num_vqa = 64  # eval images asked one question each (`--suite vqa`; kinds in turn)

@@ -116,6 +116,14 @@ def get_config(arg=None):
   c.train.log_every = 100
   c.train.eval_every = 1400
   c.train.checkpoint_every = 1400
+  # `cm3leon sft` after the quickstart (not one of its stages: the 15-minute budget).
+  c.sft.records_per_task = 2000
+  c.sft.eval_records_per_task = 32
+  c.sft.steps = 1500
+  c.sft.peak_lr = 1e-3
+  c.sft.warmup_steps = 50
+  c.sft.eval_every = 500
+  c.sft.checkpoint_every = 500
   c.decoding.max_text_tokens = 32
   # Measured on this recipe's decoder (32 eval-split prompts: one prompt = 3 points; pool of 8,
   # mixed, re-ranked), all-attributes accuracy by guidance weight: 1.5: 25%, 2: 22%, 2.5: 9%,

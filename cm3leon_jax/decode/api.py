@@ -100,13 +100,17 @@ class Generator:
     self.n_image = tokens_per_image(config)
 
   @classmethod
-  def load(cls, config, step: int | None = None, retrieval: bool | None = None) -> "Generator":
-    """Everything from `config.workdir`: decoder checkpoint, tokenizers, retriever + bank."""
+  def load(cls, config, step: int | None = None, retrieval: bool | None = None,
+           decoder_dir: str | None = None) -> "Generator":
+    """Everything from `config.workdir`: decoder checkpoint, tokenizers, retriever + bank.
+    `decoder_dir`: another run's directory (e.g. `<workdir>/sft`, `cm3leon sft`'s) instead of
+    `<workdir>/decoder`."""
     from cm3leon_jax.paths import artifacts
     from cm3leon_jax.tokenizers.text import TextTokenizer
     from cm3leon_jax.tokenizers.vq import ImageTokenizer
     paths = artifacts(config)
-    model = restore_model(config, step=step)
+    model = restore_model(config, step=step, directory=decoder_dir
+                          and os.path.join(decoder_dir, "checkpoints"))
     retriever = memory = None
     if config.retrieval.enabled if retrieval is None else retrieval:
       from cm3leon_jax.retrieval.strategy import Retriever
@@ -218,14 +222,26 @@ class Generator:
     return texts
 
   def caption(self, images_BHWC, *, infill: bool = False, temperature: float = 0.0,
-              num_retrieved: int = 0, seed: int = 0) -> list[str]:
-    """Image-to-text with the causal prompt or CM3's infilling prompt (greedy by default)."""
+              num_retrieved: int = 0, seed: int = 0, instruction: str | None = None) -> list[str]:
+    """Image-to-text with the causal prompt or CM3's infilling prompt (greedy by default).
+    `instruction` (e.g. "Describe the given picture.", the SFT captioning template of
+    data/tasks.py) follows the image, `<eos> <break> I <break> {instruction}`, and the caption
+    is what the decoder writes after it: the prompt an instruction-tuned decoder expects."""
+    if instruction is not None and (infill or not instruction.strip()):
+      raise InputError("caption: an instruction needs the causal prompt and some text")
     codes = self.image_tokenizer.encode(images_BHWC)
     prompts_ = []
     for image, c in zip(np.asarray(images_BHWC), codes):
       docs, _ = self.retrieve(None, image, num_retrieved)
-      prompts_.append(P.image_to_text(self.vocab, c, self.n_image, infill=infill, retrieved=docs).cond)
-    return self._decode_text(prompts_, temperature, seed)
+      if instruction is not None:
+        text = np.asarray(self.text_tokenizer.encode(instruction.strip()))
+        prompts_.append(P.continuation(self.vocab, [ImageSegment(c), TextSegment(text)],
+                                       docs).cond)
+      else:
+        prompts_.append(P.image_to_text(self.vocab, c, self.n_image, infill=infill,
+                                        retrieved=docs).cond)
+    texts = self._decode_text(prompts_, temperature, seed)
+    return [t.strip() for t in texts] if instruction is not None else texts
 
   def answer(self, images_BHWC, questions: Sequence[str], *, seed: int = 0) -> list[str]:
     """Visual question answering with the VQA task's template (data/tasks.py, image first):

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="documents retrieved per prompt (default: decoding.num_retrieved; 0 = off)")
   p.add_argument("--seed", type=int, default=None, help="default: decoding.seed")
   p.add_argument("--step", type=int, default=None, help="decoder checkpoint step (default: latest)")
+  p.add_argument("--decoder", default=None, metavar="DIR",
+                 help="the run directory of the decoder (default: <workdir>/decoder; "
+                      "<workdir>/sft is the instruction-tuned one of `cm3leon sft`)")
   p.add_argument("--columns", type=int, default=8, help="images per row of grid.png")
 
 
@@ -225,7 +228,7 @@ def run(args, config) -> int:
   if args.task != "text-to-image":
     load_images(prompts, config.vq.image_size)  # a bad image fails before the model loads
   out_dir = args.output or artifacts(config).samples
-  generator = Generator.load(config, step=args.step)
+  generator = Generator.load(config, step=args.step, decoder_dir=args.decoder)
   records = generate(args.task, generator, prompts, out_dir, rows=args.rows,
                      num_candidates=args.num_candidates, num_retrieved=args.num_retrieved,
                      seed=args.seed, columns=args.columns)

@@ -25,14 +25,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--suite", default="quickstart", help=f"one of: {', '.join(SUITES)}")
   p.add_argument("--output", default=None,
                  help="output folder (default: the workdir for quickstart, else "
-                      "<workdir>/eval/<suite>)")
+                      "<workdir>/eval/<suite>; with --decoder <workdir>/eval/<suite>-<run>)")
   p.add_argument("--step", type=int, default=None,
                  help="decoder checkpoint step (default: the latest)")
+  p.add_argument("--decoder", default=None, metavar="DIR",
+                 help="the run directory of the decoder (default: <workdir>/decoder; "
+                      "<workdir>/sft is the instruction-tuned one of `cm3leon sft`)")
 
 
-def output_dir(config, suite: str, output: str | None) -> str:
+def output_dir(config, suite: str, output: str | None, decoder: str | None = None) -> str:
+  """--output, else the workdir (quickstart suite) or <workdir>/eval/<suite>; another decoder
+  run (--decoder) gets <workdir>/eval/<suite>-<run name>, so it never overwrites the
+  pretrained decoder's report."""
   if output:
     return output
+  if decoder:
+    name = os.path.basename(os.path.normpath(decoder))
+    return os.path.join(artifacts(config).eval, f"{suite}-{name}")
   return config.workdir if suite == "quickstart" else os.path.join(artifacts(config).eval, suite)
 
 
@@ -54,9 +63,9 @@ def run(args, config) -> int:
 
   if args.suite not in SUITES:
     raise InputError(f"--suite {args.suite}: unknown suite (choose from {', '.join(SUITES)})")
-  out_dir = output_dir(config, args.suite, args.output)
+  out_dir = output_dir(config, args.suite, args.output, args.decoder)
   start = time.time()
-  generator = Generator.load(config, step=args.step)
+  generator = Generator.load(config, step=args.step, decoder_dir=args.decoder)
   embedder = load_embedder(config, generator)
   if "text_to_image" in SUITES[args.suite]:
     feature_extractor(config, embedder)  # a bad fid_features fails before any decoding

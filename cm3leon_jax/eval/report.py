@@ -129,7 +129,9 @@ def _binding(m: dict) -> list[str]:
 
 def _captioning(m: dict) -> list[str]:
   out = ["## Captioning: attribute recall on eval images", "",
-         f"{m['num_images']} eval images captioned (causal prompt, greedy). Each caption is "
+         f"{m['num_images']} eval images captioned ("
+         + (f"the instruction \"{m['instruction']}\" after the image" if m.get("instruction")
+            else "causal prompt") + ", greedy). Each caption is "
          "parsed with the analyzer's prompt parser and matched to the true scene; recall = the "
          "fraction of the scene's objects whose attribute the caption states correctly; "
          "**all** = every attribute of every object and no extra object. The dataset's own "

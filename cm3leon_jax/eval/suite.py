@@ -157,11 +157,13 @@ def captioning(config, generator, embedder, records: Records) -> tuple[dict, dic
     raise InputError("eval: the eval split is empty")
   scenes = [r["scene"] for r in chosen]
   references = [r["text"] for r in chosen]
-  captions = generator.caption(_images(chosen))
+  instruction = str(config.eval.caption_instruction).strip() or None
+  captions = generator.caption(_images(chosen), instruction=instruction)
   ids = [str(i) for i in range(len(chosen))]
   cider = cider_d(dict(zip(ids, ([r] for r in references))), dict(zip(ids, captions)))
   return {
       "num_images": len(chosen),
+      "instruction": instruction,
       "recall": attributes.caption_recall(captions, scenes),
       "reference_recall": attributes.caption_recall(references, scenes),
       "chance": attributes.chance_for_scenes(scenes),

@@ -139,7 +139,8 @@ def _open_work_dir(work: str, job: dict) -> None:
     os.replace(job_path + ".tmp", job_path)
 
 
-def _fingerprint(path: str) -> str:
+def fingerprint(path: str) -> str:
+  """A short content hash of a file (what a job's outputs depend on)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -163,7 +164,7 @@ def run(args, config) -> int:
   source = sources.image_text_source(config, args.split)
   job = {"dataset": source.name, "split": args.split, "vq": vq_dir,
          "vq_step": image_tokenizer.checkpoint_step,
-         "text_tokenizer": _fingerprint(text_path), "image_size": int(config.vq.image_size)}
+         "text_tokenizer": fingerprint(text_path), "image_size": int(config.vq.image_size)}
   n = encode_dataset(source, image_tokenizer, text_tokenizer, vocab, output, job,
                      batch_size=args.batch_size,
                      shard_size=args.shard_size,

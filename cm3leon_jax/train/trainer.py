@@ -26,7 +26,9 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import tqdm
+from flax import nnx
 
+from cm3leon_jax.errors import InputError
 from cm3leon_jax.model.decoder import DecoderConfig
 from cm3leon_jax.paths import artifacts
 from cm3leon_jax.train import flops
@@ -47,8 +49,9 @@ class TrainResult:
   preempted: bool = False
 
 
-def run_paths(config) -> dict:
-  root = artifacts(config).decoder
+def run_paths(config, run_dir: str | None = None) -> dict:
+  """Checkpoints, metrics and TensorBoard of a run under `run_dir` (default: the decoder's)."""
+  root = run_dir or artifacts(config).decoder
   return dict(root=root, checkpoints=os.path.join(root, "checkpoints"),
               metrics=os.path.join(root, "metrics.jsonl"),
               tensorboard=os.path.join(root, "tensorboard"))
@@ -119,19 +122,50 @@ def held_out_loss(eval_fn, state, batches: Sequence[dict], mesh) -> dict:
           if m[weight] > 0}
 
 
+def fresh_optimizer(state):
+  """`state` (of (Decoder, nnx.Optimizer)) with the optimizer part as a fresh init leaves it:
+  AdamW's moments and every count are zeros (optimizer.py; a test pins this against
+  `init_train_state`). Zeroed in place of a second init, so fine-tuning a large model holds one
+  train state, not two."""
+  pure = nnx.to_pure_dict(state)
+  pure[1] = jax.tree.map(jnp.zeros_like, pure[1])
+  nnx.replace_by_pure_dict(state, pure)
+  return state
+
+
+def pretrained_state(config, mesh, directory: str):
+  """The train state with the parameters of the latest checkpoint in `directory` (another
+  run's, e.g. the pretrained decoder's) and a fresh optimizer. Clear error when the checkpoint
+  is missing or shaped for another model."""
+  ckpt = Checkpointer(directory, config, async_save=False)
+  try:
+    if ckpt.latest_step() is None:
+      raise InputError(f"{directory}: no checkpoint to start from; run `cm3leon train` first")
+    abstract = abstract_train_state(config, mesh)
+    state = fresh_optimizer(ckpt.restore(abstract))
+  finally:
+    ckpt.close()
+  return TrainState(abstract.graphdef, state, abstract.shardings)
+
+
 def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
           resume: bool = True, progress: bool = True,
-          eval_batches: Sequence[dict] = ()) -> TrainResult:
+          eval_batches: Sequence[dict] = (), run_dir: str | None = None,
+          init_from: str | None = None) -> TrainResult:
   """Train `config` on `data_iter` (this process's local batches) until `train.steps`.
 
   `max_steps` stops earlier (this call only; the schedule still spans train.steps).
+  `run_dir` holds this run's checkpoints and metrics (default: `<workdir>/decoder`).
+  `init_from`: a checkpoint directory whose latest parameters start the run when it has no
+  checkpoint of its own to resume (the optimizer starts fresh): fine-tuning (`cm3leon sft`);
+  with `eval_batches` the held-out loss is also recorded at step 0, before any update.
   """
   # --- Set up mesh -------------------------------------------------------------------------
   mesh = make_mesh(config.mesh)
   check_accumulation(config, mesh)
   cfg = DecoderConfig.from_config(config)
   local_batch = config.train.batch_size // jax.process_count()
-  paths = run_paths(config)
+  paths = run_paths(config, run_dir)
   total_steps = int(config.train.steps)
 
   # --- Load checkpoint or initialise -----------------------------------------------------
@@ -143,6 +177,10 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
     state = ckpt.restore(abstract, restorable, step=start)
     ts = TrainState(abstract.graphdef, state, abstract.shardings)
     log.info("resumed from %s/%d", paths["checkpoints"], start)
+  elif init_from:
+    ts = pretrained_state(config, mesh, init_from)
+    log.info("parameters from %s, optimizer fresh", init_from)
+    start = 0
   else:
     ts = init_train_state(config, mesh)
     start = 0
@@ -166,6 +204,12 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   # Only Grain iterators can be checkpointed; others (plain generators) restart on resume.
   saved_iter = data_iter if hasattr(data_iter, "get_state") else None
   with jax.set_mesh(mesh):
+    if eval_fn is not None and init_from and start == 0:
+      # Where fine-tuning starts from: the other run's parameters on this run's held-out data.
+      values = held_out_loss(eval_fn, state, eval_batches, mesh)
+      writer.write(0, values)
+      history.append({"step": 0, **values})
+      last_time = time.perf_counter()
     while step < end:
       batch = next(data_iter)
       if step == start:
