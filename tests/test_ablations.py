@@ -154,3 +154,35 @@ def test_tiny_end_to_end_then_resume(tmp_path, capsys):
   assert A.main(argv) == 0
   out_text = capsys.readouterr().out
   assert "0 decoder trainings" in out_text and "0 cells" in out_text
+
+
+def _finished_quickstart(root, steps: int, **changes) -> str:
+  """A --from-workdir whose decoder's last checkpoint saved `changes` over the tiny config."""
+  from cm3leon_jax import configs
+  config = json.loads(configs.load("tiny", [f"workdir={root}"]).to_json_best_effort())
+  for path, value in changes.items():
+    section, field = path.split("__")
+    config[section][field] = value
+  meta = os.path.join(root, "decoder", "checkpoints", str(steps), "config", "metadata")
+  os.makedirs(os.path.dirname(meta))
+  with open(meta, "w") as f:
+    json.dump(config, f)
+  return str(root)
+
+
+def test_the_quickstart_decoder_is_reused_only_when_it_is_the_recipes_first_seed(tmp_path):
+  same = _finished_quickstart(tmp_path / "same", 20)
+  plan = A.parse(["--config", "tiny", "--from-workdir", same, "--workdir", str(tmp_path / "w")])
+  assert A.reusable_decoder(plan, "ra_cm3", 0) == os.path.join(same, "decoder")
+  assert A.reusable_decoder(plan, "ra_cm3", 1) is None  # another training seed
+  assert A.reusable_decoder(plan, "causal", 0) is None  # another variant
+  other_lr = _finished_quickstart(tmp_path / "lr", 20, optimizer__peak_lr=1.0)
+  plan = A.parse(["--config", "tiny", "--from-workdir", other_lr, "--workdir", str(tmp_path / "w")])
+  assert A.reusable_decoder(plan, "ra_cm3", 0) is None
+  short = _finished_quickstart(tmp_path / "short", 10)  # stopped before train.steps
+  plan = A.parse(["--config", "tiny", "--from-workdir", short, "--workdir", str(tmp_path / "w")])
+  assert A.reusable_decoder(plan, "ra_cm3", 0) is None
+  # eval / decoding settings do not change what was trained
+  plan = A.parse(["--config", "tiny", "--from-workdir", same, "--workdir", str(tmp_path / "w"),
+                  "--prompts", "3", "--config.decoding.cfg_weight=5.0"])
+  assert A.reusable_decoder(plan, "ra_cm3", 0) == os.path.join(same, "decoder")
