@@ -22,7 +22,9 @@ recipe's decoder of the first training seed.
 Mechanics: the upstream artifacts (Shapes, tokenizers, VQ, dual encoder, index, neighbours) come
 from `--from-workdir` (a `cm3leon quickstart` run of the same config) or are made by the
 quickstart's own stages into `<workdir>/upstream`. Each decoder trains into
-`<workdir>/runs/<variant>-seed<s>` (upstream artifacts symlinked) through `cm3leon train`.
+`<workdir>/runs/<variant>-seed<s>` (upstream artifacts symlinked) through `cm3leon train`;
+the recipe's first-seed decoder is copied from `--from-workdir` instead when that run's last
+checkpoint was saved with the same training config (`reusable_decoder`).
 Every finished stage, training and cell is recorded in `<workdir>/cells.json` and skipped on
 re-run. Writes `<workdir>/report.md`, `cfg_sweep.png` and `pool_size.png`.
 

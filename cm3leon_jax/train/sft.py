@@ -128,7 +128,7 @@ def build_data(config, progress: bool) -> None:
                      f"--config.vocab.text_size={vocab.text_size}")
   image_tokenizer = ImageTokenizer.load(config)
   ids = dict(text_tokenizer_id=fingerprint(paths.text_tokenizer),
-             vq_id=f"{os.path.abspath(paths.vq)}@{image_tokenizer.checkpoint_step}")
+             vq_id=f"{os.path.realpath(paths.vq)}@{image_tokenizer.checkpoint_step}")
   splits = [("train", int(config.sft.records_per_task))]
   if int(config.sft.eval_records_per_task) > 0:
     splits.append(("eval", int(config.sft.eval_records_per_task)))
