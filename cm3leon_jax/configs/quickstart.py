@@ -6,10 +6,9 @@
 codebook); a 512-entry byte-level BPE text tokenizer; a small dual encoder (conv stem, hard
 negatives); a 4-layer d=128 decoder with image-position embeddings trained 5600 steps of
 4 x 384-token retrieval-augmented CM3 sequences. Budget: the whole run within 15 minutes on
-2 CPU cores (13.4 and 13.6 min measured on a 2-core AMD EPYC with 8 candidates per prompt, 14.1 with
-the 16 used now; the decoder ~9 of them; a
-slower machine can go past 15: `--config.train.steps=2800` halves the decoder at the cost of
-the shapes);
+2 CPU cores (measured on a 2-core AMD EPYC: 14.1 min with the 16 candidates per prompt used
+now, 13.4 and 13.6 min with 8; the decoder ~9 of them; a slower machine can go past 15:
+`--config.train.steps=2800` halves the decoder at the cost of the shapes);
 `<workdir>/report.md` lists the wall time of every stage and the scores.
 
 Instruction tuning afterwards (not a quickstart stage: the 15-minute budget):
