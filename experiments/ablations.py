@@ -325,7 +325,8 @@ def reusable_decoder(plan: Plan, variant: str, index: int) -> str | None:
       saved = json.load(f)
   except (OSError, json.JSONDecodeError):
     return None
-  wanted = json.loads(load_config(plan, *train_overrides(plan, variant, index)).to_json_best_effort())
+  config = load_config(plan, *train_overrides(plan, variant, index))
+  wanted = json.loads(config.to_json_best_effort())
   same = all(saved.get(s) == wanted.get(s) for s in TRAINING_SECTIONS)
   return source if same and max(steps) == int(wanted["train"]["steps"]) else None
 

@@ -13,7 +13,7 @@ now, 13.4 and 13.6 min with 8; the decoder ~9 of them; a slower machine can go p
 
 Instruction tuning afterwards (not a quickstart stage: the 15-minute budget):
 
-    python -m cm3leon_jax sft --config quickstart     # 2.6 min here: 9 tasks x 2,000 records, 1,500 steps
+    python -m cm3leon_jax sft --config quickstart    # 2.6 min: 9 tasks x 2,000 records, 1,500 steps
     python -m cm3leon_jax eval --config quickstart --suite vqa --decoder outputs/quickstart/sft
 """
 
