@@ -31,19 +31,12 @@ from typing import Sequence
 from cm3leon_jax import configs
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.paths import artifacts
+from cm3leon_jax.train.train_cli import add_run_arguments, check_run_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--max-steps", type=int, default=None,
-                 help="stop after this many steps in this run (the schedule still spans "
-                      "sft.steps); resume later")
-  p.add_argument("--no-resume", action="store_true",
-                 help="start again from the pretrained decoder even if SFT checkpoints exist")
-  p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                 help="jax.distributed coordinator (with --num-processes/--process-id)")
-  p.add_argument("--num-processes", type=int, default=None)
-  p.add_argument("--process-id", type=int, default=None)
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  add_run_arguments(p, "sft.steps",
+                    "start again from the pretrained decoder even if SFT checkpoints exist")
 
 
 def balance_weights(sizes: Sequence[int], up: float, down: float) -> list[float]:
@@ -154,11 +147,7 @@ def eval_batches(config, batch_size: int) -> list[dict]:
 
 
 def run(args, config) -> int:
-  if args.num_processes is not None and args.num_processes > 1:
-    if args.process_id is None or args.coordinator is None:
-      raise InputError("--num-processes > 1 needs --process-id and --coordinator")
-  if args.max_steps is not None and args.max_steps < 1:
-    raise InputError(f"--max-steps={args.max_steps}: must be >= 1")
+  check_run_arguments(args)
   from cm3leon_jax.data import sft_data
   sft_data.parse_tasks(config.sft.tasks)  # a bad task list fails before anything loads
   pretrained = check_inputs(config)

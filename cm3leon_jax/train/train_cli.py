@@ -21,19 +21,33 @@ import sys
 from cm3leon_jax.errors import InputError
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--synthetic", action="store_true",
-                 help="train on random packed batches (no data needed; for smoke tests)")
+def add_run_arguments(p: argparse.ArgumentParser, schedule: str, no_resume_help: str) -> None:
+  """The options every training command shares (`train`, `sft`): steps of this run, resume,
+  processes, progress bar. `schedule` names the config field holding the total steps."""
   p.add_argument("--max-steps", type=int, default=None,
                  help="stop after this many steps in this run (the schedule still spans "
-                      "train.steps); resume later")
-  p.add_argument("--no-resume", action="store_true",
-                 help="start from scratch even if checkpoints exist")
+                      f"{schedule}); resume later")
+  p.add_argument("--no-resume", action="store_true", help=no_resume_help)
   p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                  help="jax.distributed coordinator (with --num-processes/--process-id)")
   p.add_argument("--num-processes", type=int, default=None)
   p.add_argument("--process-id", type=int, default=None)
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_run_arguments(args) -> None:
+  """Clear errors for the shared options, before anything starts."""
+  if args.num_processes is not None and args.num_processes > 1:
+    if args.process_id is None or args.coordinator is None:
+      raise InputError("--num-processes > 1 needs --process-id and --coordinator")
+  if args.max_steps is not None and args.max_steps < 1:
+    raise InputError(f"--max-steps={args.max_steps}: must be >= 1")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--synthetic", action="store_true",
+                 help="train on random packed batches (no data needed; for smoke tests)")
+  add_run_arguments(p, "train.steps", "start from scratch even if checkpoints exist")
 
 
 def data_iterator(config, synthetic: bool):
@@ -73,11 +87,7 @@ def eval_batches(config, synthetic: bool) -> list[dict]:
 
 
 def run(args, config) -> int:
-  if args.num_processes is not None and args.num_processes > 1:
-    if args.process_id is None or args.coordinator is None:
-      raise InputError("--num-processes > 1 needs --process-id and --coordinator")
-  if args.max_steps is not None and args.max_steps < 1:
-    raise InputError(f"--max-steps={args.max_steps}: must be >= 1")
+  check_run_arguments(args)
   from cm3leon_jax.train import trainer
   trainer.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   import jax
