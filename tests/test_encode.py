@@ -185,3 +185,18 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
   assert not os.path.exists(tmp_path / "killed")  # killed before it finished
   assert child(tmp_path / "killed", slow=False).wait(timeout=300) == 0
   assert _files(tmp_path / "killed") == _files(tmp_path / "whole")
+
+
+def test_a_text_tokenizer_larger_than_the_vocabularys_text_range_is_refused(tmp_path):
+  from cm3leon_jax import configs
+  from cm3leon_jax.data import shapes
+  from cm3leon_jax.errors import InputError
+  from cm3leon_jax.tokenizers.encode import load_text_tokenizer
+  from cm3leon_jax.tokenizers.text import TextTokenizer
+  texts = [shapes.caption(shapes.scene_at(0, i, "train"), i) for i in range(200)]
+  path = str(tmp_path / "text_tokenizer.json")
+  TextTokenizer.train(texts, 384, min_frequency=1).save(path)
+  size = TextTokenizer.load(path).vocab_size
+  assert load_text_tokenizer(path, configs.load("tiny")).vocab_size == size  # 384 ids fit
+  with pytest.raises(InputError, match=f"{size} text ids do not fit --config.vocab.text_size=300"):
+    load_text_tokenizer(path, configs.load("tiny", ["vocab.text_size=300"]))

@@ -230,11 +230,12 @@ class Generator:
     if instruction is not None and (infill or not instruction.strip()):
       raise InputError("caption: an instruction needs the causal prompt and some text")
     codes = self.image_tokenizer.encode(images_BHWC)
+    if instruction is not None:
+      text = np.asarray(self.text_tokenizer.encode(instruction.strip()))
     prompts_ = []
     for image, c in zip(np.asarray(images_BHWC), codes):
       docs, _ = self.retrieve(None, image, num_retrieved)
       if instruction is not None:
-        text = np.asarray(self.text_tokenizer.encode(instruction.strip()))
         prompts_.append(P.continuation(self.vocab, [ImageSegment(c), TextSegment(text)],
                                        docs).cond)
       else:

@@ -148,6 +148,16 @@ def fingerprint(path: str) -> str:
   return h.hexdigest()[:16]
 
 
+def load_text_tokenizer(path: str, config) -> TextTokenizer:
+  """The text tokenizer at `path`, checked to fit the vocabulary's text range."""
+  text_tokenizer = TextTokenizer.load(path)
+  text_size = Vocab.from_config(config).text_size
+  if text_tokenizer.vocab_size > text_size:
+    raise InputError(f"{path}: {text_tokenizer.vocab_size} text ids do not fit "
+                     f"--config.vocab.text_size={text_size}")
+  return text_tokenizer
+
+
 def run(args, config) -> int:
   import jax
   from cm3leon_jax.data import sources
@@ -155,11 +165,8 @@ def run(args, config) -> int:
   vq_dir = os.path.abspath(args.vq or paths.vq)
   text_path = args.text_tokenizer or paths.text_tokenizer
   output = args.output or tokens_dir(config, args.split)
-  text_tokenizer = TextTokenizer.load(text_path)
+  text_tokenizer = load_text_tokenizer(text_path, config)
   vocab = Vocab.from_config(config)
-  if text_tokenizer.vocab_size > vocab.text_size:
-    raise InputError(f"{text_path}: {text_tokenizer.vocab_size} text ids do not fit "
-                     f"--config.vocab.text_size={vocab.text_size}")
   image_tokenizer = ImageTokenizer.load(config, vq_dir)
   source = sources.image_text_source(config, args.split)
   job = {"dataset": source.name, "split": args.split, "vq": vq_dir,

@@ -109,16 +109,10 @@ def build_data(config, progress: bool) -> None:
   import jax
 
   from cm3leon_jax.data import sft_data
-  from cm3leon_jax.tokenizers.encode import fingerprint
-  from cm3leon_jax.tokenizers.text import TextTokenizer
-  from cm3leon_jax.tokenizers.vocab import Vocab
+  from cm3leon_jax.tokenizers.encode import fingerprint, load_text_tokenizer
   from cm3leon_jax.tokenizers.vq import ImageTokenizer
   paths = artifacts(config)
-  text_tokenizer = TextTokenizer.load(paths.text_tokenizer)
-  vocab = Vocab.from_config(config)
-  if text_tokenizer.vocab_size > vocab.text_size:
-    raise InputError(f"{paths.text_tokenizer}: {text_tokenizer.vocab_size} text ids do not fit "
-                     f"--config.vocab.text_size={vocab.text_size}")
+  text_tokenizer = load_text_tokenizer(paths.text_tokenizer, config)
   image_tokenizer = ImageTokenizer.load(config)
   ids = dict(text_tokenizer_id=fingerprint(paths.text_tokenizer),
              vq_id=f"{os.path.realpath(paths.vq)}@{image_tokenizer.checkpoint_step}")
