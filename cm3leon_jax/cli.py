@@ -41,7 +41,8 @@ COMMANDS = {
     "generate": ("sample text and images (CFG, CD-K, retrieval, re-ranking)",
                  "cm3leon_jax.decode.generate_cli"),
     "eval": ("run an evaluation suite on a checkpoint", "cm3leon_jax.eval.eval_cli"),
-    "export": ("export an inference bundle", "the export issue (not filed)"),
+    "export": ("export an inference bundle (decoder parameters, tokenizers, retriever)",
+               "cm3leon_jax.export"),
     "quickstart": ("the whole recipe end to end on Shapes (the main job)",
                    "cm3leon_jax.quickstart"),
 }

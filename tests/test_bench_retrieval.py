@@ -45,9 +45,10 @@ def test_encoder_mode_embeds_builder_documents_and_benchmarks_them(tmp_path, cap
   name = "encoder Shapes 2k x 32"
   for method in ("exact", "ScaNN", "FAISS IVF-PQ", "FAISS HNSW"):
     assert f"| {name} | {method}" in out
-  assert f"{name}: " in out and "distinct scenes among 2,000 documents" in out
+  assert f"{name}: encoder step 20, " in out and "distinct scenes among 2,000 documents" in out
 
-  bank = np.load(os.path.join(workdir, "bench_docs", "train-2000.npy"))
+  # cached under the encoder's step: another encoder checkpoint never reuses these
+  bank = np.load(os.path.join(workdir, "bench_docs", "encoder-20", "train-2000.npy"))
   assert bank.shape == (2000, 32) and bank.dtype == np.float32
   # Bank document i is record i of the built dataset, embedded as the index job embeds it.
   config = encoder_docs.pipeline_config(workdir, 32, "tiny")

@@ -20,11 +20,12 @@ def test_help_lists_every_command_of_the_data_flow():
     assert f"    {command}" in out
 
 
-def test_unbuilt_commands_say_so_and_exit_non_zero(capsys):
-  unbuilt = [name for name, (_, where) in cli.COMMANDS.items() if not cli._is_built(where)]
-  for name in unbuilt:
-    assert cli.main([name, "--config", "tiny"]) == cli.EXIT_NOT_BUILT
-    assert "not built yet" in capsys.readouterr().err
+def test_unbuilt_commands_say_so_and_exit_non_zero(capsys, monkeypatch):
+  # Every command of the data flow is built now; a command whose issue has not landed (its
+  # "where" names the issue, not a module) must still say so rather than fail obscurely.
+  monkeypatch.setitem(cli.COMMANDS, "export", ("export an inference bundle", "the export issue"))
+  assert cli.main(["export", "--config", "tiny"]) == cli.EXIT_NOT_BUILT
+  assert "not built yet (the export issue)" in capsys.readouterr().err
 
 
 def test_config_typo_is_one_error_line(capsys):

@@ -1,5 +1,7 @@
 """The memory-bank index: ScaNN search against exact search, persistence, sharding, bad input."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,24 @@ def test_default_tree_settings_spill_and_a_negative_soar_lambda_is_an_error():
   assert choose_settings(100_000, soar_lambda=0.0).soar_lambda == 0.0
   with pytest.raises(InputError, match="soar_lambda"):
     choose_settings(100_000, soar_lambda=-1.0)
+  assert s.soar_overretrieve == 1.0
+  with pytest.raises(InputError, match="retrieval.soar_overretrieve=0.5: must be >= 1"):
+    choose_settings(100_000, soar_overretrieve=0.5)
+
+
+def test_an_index_saved_before_soar_overretrieve_loads_with_scanns_default(bank, tmp_path):
+  index = Index.build(bank[:2000], Settings(brute_force=False, num_leaves=20, leaves_to_search=5,
+                                            training_sample_size=2000, spherical=True,
+                                            soar_lambda=1.0, soar_overretrieve=2.0))
+  index.save(str(tmp_path / "old"))
+  meta_path = tmp_path / "old" / "index.json"
+  meta = json.loads(meta_path.read_text())
+  for s in meta["settings"]:
+    del s["soar_overretrieve"]  # the index.json of an older version
+  meta_path.write_text(json.dumps(meta))
+  loaded = Index.load(str(tmp_path / "old"))
+  assert loaded.settings[0].soar_overretrieve == 2.0
+  np.testing.assert_array_equal(loaded.search(bank[:5], 3)[0], index.search(bank[:5], 3)[0])
 
 
 def test_sharded_index_equals_single_index(bank, queries):

@@ -28,17 +28,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_and_checkpoint(tmp_path):
-  workdir = str(tmp_path / "run")
-  write_project_data(workdir)
-  port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  args = [sys.executable, "-m", "cm3leon_jax", "train", "--config", "tiny",
-          f"--config.workdir={workdir}", *OVERRIDES, "--config.train.steps=3",
-          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--no-progress",
-          "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+def run_two_processes(args: list[str], env: dict) -> list[str]:
+  """Run `args --process-id i` for i = 0, 1 side by side; both must exit 0. Their outputs."""
   procs = [subprocess.Popen(args + ["--process-id", str(i)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -52,6 +43,21 @@ def test_two_processes_train_and_checkpoint(tmp_path):
       raise
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
+  return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  write_project_data(workdir)
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  args = [sys.executable, "-m", "cm3leon_jax", "train", "--config", "tiny",
+          f"--config.workdir={workdir}", *OVERRIDES, "--config.train.steps=3",
+          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--no-progress",
+          "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+  outputs = run_two_processes(args, env)
   assert "train: step 3/3" in outputs[0]  # process 0 reports; process 1 stays quiet
   assert "train: step" not in outputs[1]
 
@@ -71,3 +77,37 @@ def test_two_processes_train_and_checkpoint(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.to_pure_dict(state)))
   data_files = os.listdir(os.path.join(workdir, "decoder", "checkpoints", "3", "data"))
   assert len([f for f in data_files if f.startswith("process_")]) == 2  # one iterator per host
+
+
+@pytest.mark.slow
+def test_two_processes_export_one_bundle_that_one_process_loads(tmp_path):
+  """`cm3leon export` on a 2-host mesh: each process reads and writes its parameter shards;
+  the bundle equals the checkpoint's parameters when loaded by a single process."""
+  from cm3leon_jax import cli, export
+  from cm3leon_jax.train.checkpoint import Checkpointer as C
+  from cm3leon_jax.train.state import abstract_model
+  workdir = str(tmp_path / "run")
+  write_project_data(workdir)
+  common = ["--config", "tiny", f"--config.workdir={workdir}", *OVERRIDES,
+            "--config.data.num_train=32", "--config.vq.steps=1", "--config.train.steps=2"]
+  for argv in (["train", "--no-progress"], ["data", "build", "shapes"], ["train-text-tokenizer"],
+               ["train-vq"]):
+    assert cli.main([argv[0], *common, *argv[1:]]) == 0, argv
+  out = str(tmp_path / "bundle")
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  args = [sys.executable, "-m", "cm3leon_jax", "export", *common, "--config.mesh.data=1",
+          "--config.mesh.fsdp=-1", "--no-retrieval", "--out", out,
+          "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+  outputs = run_two_processes(args, env)
+  assert "export: decoder step 2" in outputs[0] and "export:" not in outputs[1]
+
+  export.verify(out, checksums=True)
+  loaded = nnx.to_pure_dict(nnx.state(export.load_model(export.load_config(out))))
+  config = configs.load("tiny", [f"workdir={workdir}", *(o[9:] for o in common[3:])])
+  ckpt = C(os.path.join(workdir, "decoder", "checkpoints"), config)
+  saved = nnx.to_pure_dict(ckpt.restore_params(abstract_model(config, make_mesh(config.mesh))[1]))
+  ckpt.close()
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

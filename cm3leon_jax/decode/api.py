@@ -1,6 +1,7 @@
 """The decoding Python API: text-to-image, captioning, infilling, with retrieval and re-ranking.
 
     gen = Generator.load(config)                       # decoder, tokenizers, retriever
+    gen = Generator.from_bundle("outputs/quickstart/export")   # or a `cm3leon export` bundle
     result = gen.text_to_image(["a red circle at the top left"], num_candidates=8)
     result.images_BHWC                                 # the best candidate per prompt
     gen.caption(images_BHWC)                           # -> list of str
@@ -65,25 +66,24 @@ class MemoryBank:
 
 
 def restore_model(config, step: int | None = None, directory: str | None = None):
-  """The decoder of a `cm3leon train` checkpoint (default: the latest), on the config's mesh."""
+  """The decoder of a `cm3leon train` checkpoint (default: the latest), on the config's mesh.
+  Reads the parameters only, not the optimizer's moments."""
   from flax import nnx
 
   from cm3leon_jax.paths import artifacts
   from cm3leon_jax.train.checkpoint import Checkpointer
   from cm3leon_jax.train.mesh import make_mesh
-  from cm3leon_jax.train.state import abstract_train_state
+  from cm3leon_jax.train.state import abstract_model
   directory = directory or os.path.join(artifacts(config).decoder, "checkpoints")
   if not os.path.isdir(directory):
     raise InputError(f"{directory}: no decoder checkpoints; run `cm3leon train` first")
-  mesh = make_mesh(config.mesh)
-  abstract = abstract_train_state(config, mesh)
+  graphdef, abstract = abstract_model(config, make_mesh(config.mesh))
   checkpointer = Checkpointer(directory, config, async_save=False)
   try:
-    state = checkpointer.restore(abstract, step=step)
+    params = checkpointer.restore_params(abstract, step=step)
   finally:
     checkpointer.close()
-  model, _ = nnx.merge(abstract.graphdef, state)
-  return model
+  return nnx.merge(graphdef, params)
 
 
 class Generator:
@@ -105,12 +105,24 @@ class Generator:
     """Everything from `config.workdir`: decoder checkpoint, tokenizers, retriever + bank.
     `decoder_dir`: another run's directory (e.g. `<workdir>/sft`, `cm3leon sft`'s) instead of
     `<workdir>/decoder`."""
+    model = restore_model(config, step=step, directory=decoder_dir
+                          and os.path.join(decoder_dir, "checkpoints"))
+    return cls._with_parts(config, model, retrieval)
+
+  @classmethod
+  def from_bundle(cls, bundle: str, overrides=(), retrieval: bool | None = None) -> "Generator":
+    """Everything from a `cm3leon export` bundle (export.py), nothing from a workdir.
+    `overrides` (`"decoding.cfg_weight=3"`, ...) change decoding or eval fields of its config."""
+    from cm3leon_jax import export
+    config = export.load_config(bundle, overrides)
+    return cls._with_parts(config, export.load_model(config), retrieval)
+
+  @classmethod
+  def _with_parts(cls, config, model, retrieval: bool | None) -> "Generator":
     from cm3leon_jax.paths import artifacts
     from cm3leon_jax.tokenizers.text import TextTokenizer
     from cm3leon_jax.tokenizers.vq import ImageTokenizer
     paths = artifacts(config)
-    model = restore_model(config, step=step, directory=decoder_dir
-                          and os.path.join(decoder_dir, "checkpoints"))
     retriever = memory = None
     if config.retrieval.enabled if retrieval is None else retrieval:
       from cm3leon_jax.retrieval.strategy import Retriever

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--decoder", default=None, metavar="DIR",
                  help="the run directory of the decoder (default: <workdir>/decoder; "
                       "<workdir>/sft is the instruction-tuned one of `cm3leon sft`)")
+  p.add_argument("--bundle", default=None, metavar="DIR",
+                 help="generate from a `cm3leon export` bundle instead of a workdir (its own "
+                      "config; --config.decoding.* overrides apply; output default ./samples)")
   p.add_argument("--columns", type=int, default=8, help="images per row of grid.png")
 
 
@@ -217,6 +220,11 @@ def generate(task: str, generator, prompts: Sequence[dict], out_dir: str, *, row
 
 def run(args, config) -> int:
   from cm3leon_jax.decode.api import Generator
+  if args.bundle and (args.step is not None or args.decoder):
+    raise InputError("--bundle holds one decoder: --step and --decoder do not apply")
+  if args.bundle:  # the bundle's config replaces the preset's: check prompts against it
+    from cm3leon_jax import export
+    config = export.load_config(args.bundle, getattr(args, "overrides", ()))
   prompts = load_prompts(args.task, args.prompt, args.prompts_file)
   if args.task == "infill" and args.rows is not None:
     from cm3leon_jax.configs.base import tokens_per_image
@@ -227,8 +235,11 @@ def run(args, config) -> int:
     raise InputError(f"--columns={args.columns}: must be >= 1")
   if args.task != "text-to-image":
     load_images(prompts, config.vq.image_size)  # a bad image fails before the model loads
-  out_dir = args.output or artifacts(config).samples
-  generator = Generator.load(config, step=args.step, decoder_dir=args.decoder)
+  out_dir = args.output or ("samples" if args.bundle else artifacts(config).samples)
+  if args.bundle:
+    generator = Generator.from_bundle(args.bundle, getattr(args, "overrides", ()))
+  else:
+    generator = Generator.load(config, step=args.step, decoder_dir=args.decoder)
   records = generate(args.task, generator, prompts, out_dir, rows=args.rows,
                      num_candidates=args.num_candidates, num_retrieved=args.num_retrieved,
                      seed=args.seed, columns=args.columns)

@@ -48,7 +48,8 @@ def run(args, config) -> int:
   s = index.settings[0]
   kind = "brute force" if s.brute_force else (
       f"tree {s.num_leaves} leaves (search {s.leaves_to_search})"
-      f"{f' + SOAR {s.soar_lambda}' if s.soar_lambda else ''} + AH + reorder {s.reorder}")
+      f"{f' + SOAR {s.soar_lambda} (overretrieve {s.soar_overretrieve})' if s.soar_lambda else ''}"
+      f" + AH + reorder {s.reorder}")
   print(f"index: {index.num_vectors} documents x {index.dim} dims, {index.num_shards} shard(s), "
         f"{kind}, {time.time() - t0:.1f}s -> {output}")
   return 0

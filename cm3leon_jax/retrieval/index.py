@@ -44,14 +44,20 @@ class Settings:
   training_sample_size: int = 0
   spherical: bool = False   # spherical k-means partitions (unit-norm embeddings)
   soar_lambda: float = 0.0  # SOAR spilling's orthogonality amplification; 0 = no spilling
+  # With spilling, the hashing stage keeps this many times the reorder count of candidates
+  # (a vector can be found twice). 2.0 is ScaNN's default (and what indexes saved before
+  # this field were built with).
+  soar_overretrieve: float = 2.0
 
 
 def choose_settings(num_vectors: int, brute_force_below: int = 20000, num_leaves: int = 0,
                     leaves_to_search: int = 0, reorder: int = 100, spherical: bool = True,
-                    soar_lambda: float = 1.0) -> Settings:
+                    soar_lambda: float = 1.0, soar_overretrieve: float = 1.0) -> Settings:
   """Builder settings for a bank of `num_vectors` (0 for a field: derived from the size)."""
   if soar_lambda < 0:
     raise InputError(f"retrieval.soar_lambda={soar_lambda}: must be >= 0 (0 = no spilling)")
+  if soar_overretrieve < 1:
+    raise InputError(f"retrieval.soar_overretrieve={soar_overretrieve}: must be >= 1")
   if num_vectors < brute_force_below:
     return Settings(brute_force=True, reorder=reorder)
   leaves = num_leaves or max(2, int(round(math.sqrt(num_vectors))))
@@ -62,13 +68,14 @@ def choose_settings(num_vectors: int, brute_force_below: int = 20000, num_leaves
   # 250k sample, experiments/bench/retrieval.py's encoder bank).
   return Settings(brute_force=False, num_leaves=leaves, leaves_to_search=min(to_search, leaves),
                   reorder=reorder, training_sample_size=min(num_vectors, 1_000_000),
-                  spherical=spherical, soar_lambda=soar_lambda)
+                  spherical=spherical, soar_lambda=soar_lambda,
+                  soar_overretrieve=soar_overretrieve)
 
 
 def settings_from_config(retrieval_config, num_vectors: int) -> Settings:
   r = retrieval_config
   return choose_settings(num_vectors, r.brute_force_below, r.num_leaves, r.leaves_to_search,
-                         r.reorder, r.spherical_tree, r.soar_lambda)
+                         r.reorder, r.spherical_tree, r.soar_lambda, r.soar_overretrieve)
 
 
 # --- validation: every bad input is an InputError naming what is wrong ------------------------
@@ -141,7 +148,8 @@ def _build_searcher(x_ND: np.ndarray, settings: Settings, k: int):
   builder = scann_ops_pybind.builder(x_ND, k, "dot_product")
   if settings.brute_force:
     return builder.score_brute_force().build()
-  spill = dict(soar_lambda=settings.soar_lambda) if settings.soar_lambda > 0 else {}
+  spill = (dict(soar_lambda=settings.soar_lambda, overretrieve_factor=settings.soar_overretrieve)
+           if settings.soar_lambda > 0 else {})
   return (builder.tree(num_leaves=settings.num_leaves,
                        num_leaves_to_search=settings.leaves_to_search,
                        training_sample_size=settings.training_sample_size,

@@ -134,6 +134,35 @@ class Checkpointer:
     nnx.replace_by_pure_dict(state, restored["state"])
     return state
 
+  def restore_params(self, abstract_params, step: int | None = None, dtype=None):
+    """Only the decoder's parameters of `step` (default: latest), laid out like
+    `abstract_params` (`state.abstract_model`): a partial restore that never reads the
+    optimizer's moments (two thirds of an AdamW train state's bytes). `dtype` casts every
+    array while it is read (e.g. bfloat16 for an inference export)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise InputError(f"{self.directory}: no checkpoint to restore")
+    if step not in self.all_steps():
+      raise InputError(f"{self.directory}: no checkpoint at step {step} (saved steps: "
+                       f"{self.all_steps()})")
+    self.check_compatible(step)
+    # The train state is saved as the pure dict of (Decoder, Optimizer): {0: params, 1: ...}.
+    target = {0: _to_pure(abstract_params)}
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=dtype or x.dtype), target)
+    # The manager's "state" handler takes whole-tree restores only: read the item directly.
+    item = os.path.join(self.directory, str(step), "state")
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        restored = reader.restore(item, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    except (ValueError, KeyError) as e:
+      raise InputError(f"{item}: cannot restore the parameters into this config's layout "
+                       f"({str(e).splitlines()[0][:300]})") from None
+    params = jax.tree.map(lambda x: x, abstract_params)  # a fresh State tree to fill
+    nnx.replace_by_pure_dict(params, restored[0])
+    return params
+
   def _has_item(self, step: int, name: str) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), name))
 

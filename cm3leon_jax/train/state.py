@@ -83,6 +83,19 @@ def init_train_state(config, mesh: Mesh, seed: int | None = None) -> TrainState:
   return TrainState(graphdef, state, shardings)
 
 
+def abstract_model(config, mesh: Mesh) -> tuple[Any, Any]:
+  """(graphdef, abstract state) of the decoder alone: parameter shapes, dtypes and shardings
+  on `mesh`, no optimizer (inference restores and exports read only these)."""
+  cfg = DecoderConfig.from_config(config)
+  check_model_fits_mesh(cfg, mesh)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(axis_rules(config)):
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(
+        lambda: Decoder(cfg, rngs=nnx.Rngs(params=0))))
+    shardings = nnx.get_named_sharding(abstract_state, mesh)
+  return graphdef, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+
+
 def abstract_train_state(config, mesh: Mesh) -> TrainState:
   """Shapes, dtypes and shardings of the train state, without allocating it (for restore/AOT)."""
   cfg = DecoderConfig.from_config(config)

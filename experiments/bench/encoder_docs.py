@@ -13,8 +13,11 @@ eval-split scenes 0..Q-1 (same distribution, another random stream: no query doc
 document, though its scene composition may recur there, as in real data). A document's
 embedding is the encoder's document embedding (mean of the L2-normalised text and image
 embeddings), computed in resumable 10k-document chunks (retrieval/embed.py run_chunks) under
-`<workdir>/bench_docs/<split>/`; the finished [N, dim] float32 array is cached as
-`<workdir>/bench_docs/<split>-<N>.npy` and reused on a re-run.
+`<workdir>/bench_docs/encoder-<step>/<split>/`; the finished [N, dim] float32 array is cached
+as `<workdir>/bench_docs/encoder-<step>/<split>-<N>.npy` and reused on a re-run. The cache is
+keyed by the encoder checkpoint's step (`step`: default the latest), so embeddings of one
+encoder are never served for another (a preset that trains the encoder longer resumes it to a
+new step).
 
 Shapes has finitely many compositions, so scenes repeat; each chunk also stores a scene key
 (background and every object's shape, colour, size and cell as one integer), from which
@@ -107,23 +110,29 @@ def embed_scenes(config, embedder, split: str, n: int, root: str, progress: bool
 
 
 def embeddings(workdir: str, n: int, num_queries: int, dim: int = 128,
-               preset: str = "quickstart", progress: bool = True):
-  """(bank [n, dim], queries [num_queries, dim], stats) from the encoder in `workdir`."""
+               preset: str = "quickstart", progress: bool = True, step: int | None = None):
+  """(bank [n, dim], queries [num_queries, dim], stats) from the encoder in `workdir` (its
+  checkpoint at `step`, default the latest)."""
   from cm3leon_jax.retrieval.train_encoder import load_embedder
 
   ensure_encoder(workdir, dim, preset)
   config = pipeline_config(workdir, dim, preset)
-  root = os.path.join(workdir, "bench_docs")
+  saved = sorted(int(d) for d in os.listdir(artifacts(config).retriever) if d.isdigit())
+  step = saved[-1] if step is None else step
+  if step not in saved:
+    raise ValueError(f"{artifacts(config).retriever}: no encoder checkpoint at step {step} "
+                     f"(saved: {saved})")
+  root = os.path.join(workdir, "bench_docs", f"encoder-{step}")
   embedder = None
 
   def get(split, count):
     nonlocal embedder
     cache = os.path.join(root, f"{split}-{count}")
     if embedder is None and not os.path.isfile(cache + ".npy"):
-      embedder = load_embedder(config, batch_size=1024)
+      embedder = load_embedder(config, step=step, batch_size=1024)
     return embed_scenes(config, embedder, split, count, root, progress)
 
   bank, queries = get("train", n), get("eval", num_queries)
-  stats = {"distinct_scenes": int(len(np.unique(bank["key"]))),
+  stats = {"encoder_step": step, "distinct_scenes": int(len(np.unique(bank["key"]))),
            "queries_in_bank": int(np.isin(queries["key"], bank["key"]).sum())}
   return bank["doc"], queries["doc"], stats
