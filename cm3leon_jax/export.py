@@ -183,10 +183,12 @@ def export(config, out: str, *, decoder_dir: str | None = None, step: int | None
   run_dir = decoder_dir or paths.decoder
   ckpt_dir = os.path.join(run_dir, "checkpoints")
   # Every input is checked before anything is read or written.
-  if not os.path.isdir(ckpt_dir):
-    raise InputError(f"{ckpt_dir}: no decoder checkpoints; run `cm3leon train` first")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise InputError(f"--out={out}: is a file, not a directory")
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise InputError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+  if not os.path.isdir(ckpt_dir):
+    raise InputError(f"{ckpt_dir}: no decoder checkpoints; run `cm3leon train` first")
   sources = [run_dir, paths.vq, paths.retriever, paths.index, paths.tokens]
   inside = lambda d: os.path.commonpath([out, os.path.abspath(d)]) == os.path.abspath(d)
   if out == os.path.abspath(paths.root) or any(inside(d) for d in sources):
@@ -200,7 +202,7 @@ def export(config, out: str, *, decoder_dir: str | None = None, step: int | None
     _require(paths.tokens, "token documents (the memory bank)", "encode")
 
   mesh = make_mesh(config.mesh)
-  graphdef, abstract = abstract_model(config, mesh)
+  _, abstract = abstract_model(config, mesh)
   checkpointer = Checkpointer(ckpt_dir, config, async_save=False)
   try:
     step = checkpointer.latest_step() if step is None else step

@@ -189,6 +189,20 @@ def test_a_directory_without_a_manifest_is_not_a_bundle(tmp_path):
     Generator.from_bundle(str(tmp_path))
 
 
+def test_export_onto_a_file_is_one_error_line(tmp_path, capsys):
+  (tmp_path / "taken").write_text("not a bundle")
+  assert cli.main(["export", "--config", "tiny", f"--config.workdir={tmp_path}", "--out",
+                   str(tmp_path / "taken")]) == 2
+  assert "taken: is a file, not a directory" in capsys.readouterr().err
+  assert (tmp_path / "taken").read_text() == "not a bundle"
+
+
+def test_a_bad_dtype_is_refused_before_anything_is_read(tmp_path):
+  with pytest.raises(InputError, match="--dtype=float16: choose from float32, bfloat16"):
+    export.export(configs.load("tiny", [f"workdir={tmp_path}"]), str(tmp_path / "b"),
+                  dtype="float16")
+
+
 def test_export_without_a_decoder_is_one_error_line(tmp_path, capsys):
   assert cli.main(["export", "--config", "tiny", f"--config.workdir={tmp_path}"]) == 2
   err = capsys.readouterr().err

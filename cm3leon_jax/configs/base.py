@@ -121,7 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.retrieval.spherical_tree = True  # spherical k-means partitions of the (unit-norm) bank
   c.retrieval.soar_lambda = 1.0  # SOAR spilling (ScaNN); 0 = each vector in one leaf only
   # Candidates kept before reordering, x the reorder count, with spilling. 1.0, not ScaNN's
-  # 2.0: 100k vs 87k queries/s at recall@10 0.95 on the 1M encoder bank (index.py).
+  # 2.0: 104k vs 90k queries/s at recall@10 0.95 on the 1M encoder bank, 189k vs 132k on the
+  # 100k one (experiments/bench/retrieval.py).
   c.retrieval.soar_overretrieve = 1.0
   c.retrieval.num_shards = 1
 

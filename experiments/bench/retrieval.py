@@ -55,6 +55,30 @@ machine's noise of HNSW's 90k). Tried there and rejected (queries/s at recall >=
 250 / 1,500 / 2,000 leaves (64k / 48k / 82k / 78k), int8-quantised centroids (52k), LUT256
 hashing (20k), 4 dims per AH block (71k), AH threshold 0.1 / 0.35 (60k / 88k), search batch
 64 / 1,024 (82k / 74k against 84k at 256).
+
+Then (2026-11-27, same machine type, the next session) the SOAR builder's overretrieve factor
+(`retrieval.soar_overretrieve`: how many candidates, x the reorder count, the hashing stage
+keeps when a vector can sit in two leaves) went from ScaNN's default 2 to 1; the table keeps
+overretrieve 2 beside it. `--sizes 100000,1000000 --encoder-docs 100000 --queries 5000
+--encoder-step 400`, then `--sizes '' --encoder-docs 1000000 --queries 5000 --encoder-step
+400` twice (the encoder embeddings of the tables above; `--encoder-step` pins the cached ones
+now that the quickstart preset trains the encoder to 600 steps). Also tried on the 1M encoder
+bank and rejected: int8 / bfloat16 reordering (recall <= 0.93 at the same speed), SOAR lambda
+0.5 / 1.5 (92k / 92k).
+
+| data | exact QPS | ScaNN, overretrieve 1 (x exact) | overretrieve 2 | IVF-PQ QPS | HNSW QPS | ScaNN / FAISS best |
+|---|---|---|---|---|---|---|
+| synthetic 100k x 128 | 3,554 | 225,328 (63x) | 197,359 | 105,960 | 54,742 | 2.13x |
+| encoder 100k x 128 | 3,491 | 189,192 (54x) | 131,909 | 55,262 | 148,146 | 1.28x |
+| synthetic 1M x 128 | 339 | 94,057 (277x) | 80,190 | 23,029 | (none at 0.95) | 4.08x |
+| encoder 1M x 128, run 1 | 369 | 104,129 (282x) | 89,702 | 21,468 | 99,229 | 1.05x |
+| encoder 1M x 128, run 2 | 363 | 106,454 (293x) | 95,664 | 21,208 | 108,227 | 0.98x |
+
+Overretrieve 1 is faster on every bank (1.11-1.43x). On the 1M encoder bank ScaNN and HNSW
+are at parity (1.05x and 0.98x in two runs): ScaNN's fastest point, leaves 2 / reorder 40, sits
+at recall 0.951-0.952, the threshold's edge (reorder 50: 97.9k at 0.957 in run 1), HNSW's
+efSearch 10 at 0.960. The plain tree (no spilling) is still the fastest ScaNN builder on the
+synthetic 1M bank (113k).
 """
 
 from __future__ import annotations
