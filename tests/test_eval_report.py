@@ -100,7 +100,20 @@ def test_seen_pairs_columns_sit_between_the_heldout_ones_and_chance():
                                             "accuracy_candidates": seen}
   md = report.markdown(metrics)
   assert "| **all** | 75.0% | 75.0% | 50.0% | 50.0% | 0.1% |" in md
+  assert "a right candidate in the pool" not in md  # metrics without the ceilings
   assert "75.0% on unseen colour-shape pairs, 50.0% on unseen scenes of seen pairs" in md
+
+
+def test_ceilings_table_puts_each_split_beside_its_pool_and_vq_ceiling():
+  metrics = _metrics()
+  t2i = metrics["text_to_image"]
+  t2i.update(pool_oracle=0.875, vq_reconstruction={"all": 0.92})
+  t2i["seen_pairs"] = {"split": "eval", "num_prompts": 4, "accuracy": {"all": 0.5},
+                       "accuracy_candidates": {"all": 0.25}, "pool_oracle": 1.0,
+                       "vq_reconstruction": {"all": 1.0}}
+  md = report.markdown(metrics)
+  assert "| never-seen pairs | 75.0% | 87.5% | 92.0% |" in md
+  assert "| seen pairs | 50.0% | 100.0% | 100.0% |" in md
 
 
 def test_write_is_complete_and_leaves_no_temp_files(tmp_path):

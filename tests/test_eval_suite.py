@@ -65,6 +65,11 @@ def test_clip_score_is_100_times_the_mean_clipped_cosine():
                     ["a", "b"]) == pytest.approx(25.0)
 
 
+def test_pool_oracle_counts_prompts_with_any_exactly_right_candidate():
+  # 3 prompts x 2 candidates: (0, 1) has one, (0.5, 0) none (0.5 is not exactly right), (1, 1).
+  assert suite.pool_oracle([0, 1, 0.5, 0, 1, 1], 2) == pytest.approx(2 / 3)
+
+
 def test_unknown_suite_is_an_error():
   with pytest.raises(InputError, match="unknown suite"):
     suite.run_suite("nope", configs.load("tiny"), generator=None)
@@ -86,6 +91,11 @@ def test_quickstart_suite_end_to_end_on_a_tiny_random_stack(tmp_path):
   # The seen-pairs row: as many single-object prompts from the eval split.
   assert t2i["seen_pairs"]["split"] == "eval" and t2i["seen_pairs"]["num_prompts"] == 4
   assert set(t2i["seen_pairs"]["accuracy"]) == set(t2i["accuracy"])
+  # The ceilings: the chosen image is one of the candidates, so a pool with none right
+  # cannot give a right choice; the VQ reconstruction row is scored like the samples.
+  for row in (t2i, t2i["seen_pairs"]):
+    assert row["accuracy"]["all"] <= row["pool_oracle"] <= 1.0
+    assert set(row["vq_reconstruction"]) == set(row["accuracy"])
   for scores in (t2i["accuracy"], metrics["captioning"]["recall"],
                  metrics["infilling"]["accuracy"]):
     assert set(scores) == {"colour", "shape", "size", "position", "count", "all"}

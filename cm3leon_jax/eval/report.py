@@ -86,6 +86,17 @@ def _text_to_image(m: dict) -> list[str]:
     columns.update({"seen pairs: best of pool": s["accuracy"],
                     "seen pairs: a random candidate": s["accuracy_candidates"]})
   out += _attribute_table({**columns, "chance": m["chance"]})
+  if "pool_oracle" in m:
+    s = m.get("seen_pairs", {})
+    out += ["Where the misses come from (**all**): *a right candidate in the pool* = prompts with "
+            "at least one exactly right candidate, the most re-ranking can pick; *VQ "
+            "reconstruction* = the prompts' real renders encoded and decoded by the VQ, the "
+            "most any decoder can draw through it.", ""]
+    out += table(["prompts", "re-ranked best", "a right candidate in the pool",
+                  "VQ reconstruction"],
+                 [[name, _pct(x["accuracy"]["all"]), _pct(x.get("pool_oracle")),
+                   _pct(x["vq_reconstruction"]["all"]) if "vq_reconstruction" in x else ""]
+                  for name, x in (("never-seen pairs", m), ("seen pairs", s)) if x])
   if "clip_score" in m:
     c = m["clip_score"]
     out += ["CLIP score (dual encoder, 100 x cosine):", ""]

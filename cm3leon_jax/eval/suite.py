@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cm3leon_jax.data import shapes
+from cm3leon_jax.data import analyzer, shapes
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.eval import attributes
 from cm3leon_jax.eval.clip_score import clip_score
@@ -84,6 +84,20 @@ def _fid_row(extract, images, floor_images, real_features) -> dict:
 
 # --- stages ----------------------------------------------------------------------------------
 
+def pool_oracle(all_correct_N: Sequence[float], num_candidates: int) -> float:
+  """Fraction of prompts whose pool holds at least one exactly right image: what a perfect
+  re-ranker would score. `all_correct_N`: the 'all' score of every candidate, prompt-major."""
+  rows = np.asarray(all_correct_N, np.float64).reshape(-1, num_candidates)
+  return float(np.mean(rows.max(axis=1) >= 1.0))
+
+
+def vq_reconstruction(generator, images_BHWC: np.ndarray, scenes) -> dict:
+  """Analyzer accuracy of the prompts' real renders after a VQ round trip: the most any
+  decoder can reach through this VQ (it never saw a never-seen pair either)."""
+  tok = generator.image_tokenizer
+  return attributes.image_accuracy(tok.decode(tok.encode(images_BHWC)), scenes)
+
+
 def text_to_image(config, generator, embedder, records: Records) -> tuple[dict, dict]:
   e, d = config.eval, config.decoding
   n_prompts, n_cand = int(e.num_prompts), int(e.num_candidates)
@@ -105,6 +119,8 @@ def text_to_image(config, generator, embedder, records: Records) -> tuple[dict, 
                                    seed=int(e.seed))
   best, cands = result.images_BHWC, result.candidates_BNHWC
   flat = cands.reshape(-1, *cands.shape[2:])
+  cand_scores = [analyzer.score_scene(image, scene)
+                 for image, scene in zip(flat, [s for s in scenes for _ in range(n_cand)])]
   out = {
       "num_prompts": len(prompts), "num_candidates": n_cand, "pool": d.pool,
       "cfg_weight": float(d.cfg_weight), "num_retrieved": num_retrieved,
@@ -112,8 +128,11 @@ def text_to_image(config, generator, embedder, records: Records) -> tuple[dict, 
       "mean_retrieved": float(np.mean([len(r) for r in result.retrieved])),
       "reranked": result.scores_BN is not None,
       "accuracy": attributes.image_accuracy(best, scenes),
-      "accuracy_candidates": attributes.image_accuracy(flat, [s for s in scenes
-                                                              for _ in range(n_cand)]),
+      "accuracy_candidates": analyzer.mean_scores(cand_scores),
+      # Ceilings of the two stages after sampling: re-ranking can at best pick a right
+      # candidate when the pool holds one; no decoder draws better than the VQ reconstructs.
+      "pool_oracle": pool_oracle([c["all"] for c in cand_scores], n_cand),
+      "vq_reconstruction": vq_reconstruction(generator, _images(prompts_r), scenes),
       "chance": attributes.chance(1),
       "prompts": prompts,
   }
@@ -135,11 +154,14 @@ def text_to_image(config, generator, embedder, records: Records) -> tuple[dict, 
                                    num_retrieved=num_retrieved, seed=int(e.seed))
     seen_flat = seen.candidates_BNHWC.reshape(-1, *seen.candidates_BNHWC.shape[2:])
     seen_scenes = [r["scene"] for r in seen_r]
+    seen_scores = [analyzer.score_scene(image, scene) for image, scene
+                   in zip(seen_flat, [s for s in seen_scenes for _ in range(n_cand)])]
     out["seen_pairs"] = {
         "split": "eval", "num_prompts": len(seen_r),
         "accuracy": attributes.image_accuracy(seen.images_BHWC, seen_scenes),
-        "accuracy_candidates": attributes.image_accuracy(
-            seen_flat, [s for s in seen_scenes for _ in range(n_cand)])}
+        "accuracy_candidates": analyzer.mean_scores(seen_scores),
+        "pool_oracle": pool_oracle([c["all"] for c in seen_scores], n_cand),
+        "vq_reconstruction": vq_reconstruction(generator, _images(seen_r), seen_scenes)}
   out["fid"] = {
       "features": config.eval.fid_features, "num_real": len(real_ref),
       "best": _fid_row(extract, best, _images(prompts_r), real_features),
