@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 from typing import Callable
@@ -119,4 +120,7 @@ def run(args, config, overrides: list[str] | None = None) -> int:
   state["total_seconds_last_run"] = total
   _save_state(state_path, state)
   print(f"quickstart finished in {total / 60:.1f} min; report: {os.path.join(root, 'report.md')}")
+  preset = shlex.join(["--config", args.config, *overrides])
+  print(f"next: cm3leon generate {preset} --prompt \"a small red circle at the top left\"  |  "
+        f"cm3leon sft {preset}  |  cm3leon export {preset} (an inference bundle)")
   return 0

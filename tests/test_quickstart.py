@@ -29,6 +29,9 @@ def test_quickstart_runs_every_stage_then_resumes(tmp_path, capsys):
   assert cli.main(argv) == 0  # everything recorded and on disk: every stage is skipped
   out = capsys.readouterr().out
   assert out.count("skipped") == 13
+  # What to run next, with this run's preset and overrides (here: its workdir).
+  assert f"next: cm3leon generate --config tiny --config.workdir={workdir} " in out
+  assert f"cm3leon export --config tiny --config.workdir={workdir} " in out
 
 
 def test_quickstart_reruns_a_stage_whose_output_vanished(tmp_path, capsys, monkeypatch):
