@@ -137,6 +137,22 @@ def test_generate_cli_from_a_bundle(bundle, tmp_path, capsys):
   assert "--step and --decoder do not apply" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_eval_cli_on_a_bundle_reads_the_dataset_from_data_dir(workdir, bundle, tmp_path, capsys):
+  out = str(tmp_path / "eval")
+  argv = ["eval", "--bundle", bundle, "--suite", "captioning", "--output", out]
+  assert cli.main(argv) == 2  # the bundle holds no dataset
+  assert "a bundle holds none: pass --config.data.data_dir=" in capsys.readouterr().err
+  data_dir = os.path.join(workdir + "-moved", "data")
+  assert cli.main([*argv, f"--config.data.data_dir={data_dir}",
+                   "--config.eval.num_captions=4"]) == 0
+  with open(os.path.join(out, "metrics.json")) as f:
+    assert json.load(f)["captioning"]["num_images"] == 4
+  on_disk = {os.path.relpath(os.path.join(d, f), bundle) for d, _, fs in os.walk(bundle)
+             for f in fs} - {export.MANIFEST}
+  assert on_disk == set(export.read_manifest(bundle)["files"])  # nothing written into it
+
+
 # --- bad input -------------------------------------------------------------------------------
 @pytest.fixture
 def broken(bundle, tmp_path):

@@ -3,10 +3,14 @@
     cm3leon eval --suite quickstart                 # writes report.md, metrics.json,
                                                     # samples.png, infill.png into the workdir
     cm3leon eval --suite captioning --config.eval.num_captions=500
+    cm3leon eval --bundle outputs/quickstart/export --config.data.data_dir=outputs/quickstart/data
 
 Suites and what they measure: cm3leon_jax/eval/suite.py. Counts come from `config.eval`.
 The quickstart suite writes into `config.workdir` (where `cm3leon quickstart` looks for its
-report); the others into `<workdir>/eval/<suite>` unless `--output` says otherwise.
+report); the others into `<workdir>/eval/<suite>` unless `--output` says otherwise. With
+`--bundle` (a `cm3leon export` bundle) the decoder and tokenizers come from the bundle, the
+dataset from `--config.data.data_dir`, and the report goes to `--output` (default
+`eval/<suite>` in the current directory, never into the bundle).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--decoder", default=None, metavar="DIR",
                  help="the run directory of the decoder (default: <workdir>/decoder; "
                       "<workdir>/sft is the instruction-tuned one of `cm3leon sft`)")
+  p.add_argument("--bundle", default=None, metavar="DIR",
+                 help="evaluate a `cm3leon export` bundle (its config; the dataset from "
+                      "--config.data.data_dir)")
 
 
 def output_dir(config, suite: str, output: str | None, decoder: str | None = None) -> str:
@@ -63,9 +70,22 @@ def run(args, config) -> int:
 
   if args.suite not in SUITES:
     raise InputError(f"--suite {args.suite}: unknown suite (choose from {', '.join(SUITES)})")
-  out_dir = output_dir(config, args.suite, args.output, args.decoder)
+  if args.bundle:
+    from cm3leon_jax import export
+    if args.step is not None or args.decoder:
+      raise InputError("--bundle holds one decoder: --step and --decoder do not apply")
+    config = export.load_config(args.bundle, getattr(args, "overrides", ()))
+    if not os.path.isdir(artifacts(config).data_dir):
+      raise InputError(f"{artifacts(config).data_dir}: no dataset; a bundle holds none: pass "
+                       "--config.data.data_dir=<the built dataset's directory>")
+    out_dir = args.output or os.path.join("eval", args.suite)
+  else:
+    out_dir = output_dir(config, args.suite, args.output, args.decoder)
   start = time.time()
-  generator = Generator.load(config, step=args.step, decoder_dir=args.decoder)
+  if args.bundle:
+    generator = Generator.from_bundle(args.bundle, getattr(args, "overrides", ()))
+  else:
+    generator = Generator.load(config, step=args.step, decoder_dir=args.decoder)
   embedder = load_embedder(config, generator)
   if "text_to_image" in SUITES[args.suite]:
     feature_extractor(config, embedder)  # a bad fid_features fails before any decoding
