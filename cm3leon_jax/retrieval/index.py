@@ -13,9 +13,10 @@ embeddings of experiments/bench/retrieval.py (2-core CPU, 2026-11-27): 83-89k qu
 plain tree 70-79k; on its clustered synthetic 1M bank spilling costs (81k vs 111k; FAISS's
 best: 23k). With spilling the hashing stage keeps `soar_overretrieve` x the reorder count of
 candidates: 1 instead of ScaNN's default 2 measured 104k vs 90k queries/s on the 1M encoder
-bank (FAISS HNSW: 99k), 189k vs 132k on the 100k one, at the same recall. A bank that does not fit one host is split into S contiguous shards, each its own
-searcher; a query goes to every shard (scatter) and the per-shard top-k are merged (gather),
-with shard-local ids offset to global doc ids. `exact_search` is the numpy ground truth.
+bank (FAISS HNSW: 99k), 189k vs 132k on the 100k one, at the same recall. A bank that does
+not fit one host is split into S contiguous shards, each its own searcher; a query goes to
+every shard (scatter) and the per-shard top-k are merged (gather), with shard-local ids offset
+to global doc ids. `exact_search` is the numpy ground truth.
 
 The `cm3leon index` command (`add_arguments`, `run`) lives in `build_index.py`.
 """
