@@ -343,6 +343,16 @@ def load_config(bundle: str, overrides=()) -> ml_collections.ConfigDict:
   return config
 
 
+def cli_config(args, config):
+  """The config a `generate` / `eval` run uses: with `--bundle`, the bundle's (this run's
+  overrides applied; --step / --decoder refused: a bundle holds one decoder), else `config`."""
+  if not getattr(args, "bundle", None):
+    return config
+  if args.step is not None or args.decoder:
+    raise InputError("--bundle holds one decoder: --step and --decoder do not apply")
+  return load_config(args.bundle, getattr(args, "overrides", ()))
+
+
 def _encoder_shape(c) -> tuple:
   r = c.retrieval
   return (r.embed_dim, r.text_layers, r.text_width, r.text_heads, r.text_max_len, r.image_patch,

@@ -114,7 +114,12 @@ class Generator:
     """Everything from a `cm3leon export` bundle (export.py), nothing from a workdir.
     `overrides` (`"decoding.cfg_weight=3"`, ...) change decoding or eval fields of its config."""
     from cm3leon_jax import export
-    config = export.load_config(bundle, overrides)
+    return cls.load_bundle(export.load_config(bundle, overrides), retrieval)
+
+  @classmethod
+  def load_bundle(cls, config, retrieval: bool | None = None) -> "Generator":
+    """The bundle of `config`, a config from `export.load_config` (its workdir: the bundle)."""
+    from cm3leon_jax import export
     return cls._with_parts(config, export.load_model(config), retrieval)
 
   @classmethod

@@ -219,12 +219,9 @@ def generate(task: str, generator, prompts: Sequence[dict], out_dir: str, *, row
 
 
 def run(args, config) -> int:
+  from cm3leon_jax import export
   from cm3leon_jax.decode.api import Generator
-  if args.bundle and (args.step is not None or args.decoder):
-    raise InputError("--bundle holds one decoder: --step and --decoder do not apply")
-  if args.bundle:  # the bundle's config replaces the preset's: check prompts against it
-    from cm3leon_jax import export
-    config = export.load_config(args.bundle, getattr(args, "overrides", ()))
+  config = export.cli_config(args, config)  # a bundle's config: prompts are checked against it
   prompts = load_prompts(args.task, args.prompt, args.prompts_file)
   if args.task == "infill" and args.rows is not None:
     from cm3leon_jax.configs.base import tokens_per_image
@@ -236,10 +233,8 @@ def run(args, config) -> int:
   if args.task != "text-to-image":
     load_images(prompts, config.vq.image_size)  # a bad image fails before the model loads
   out_dir = args.output or ("samples" if args.bundle else artifacts(config).samples)
-  if args.bundle:
-    generator = Generator.from_bundle(args.bundle, getattr(args, "overrides", ()))
-  else:
-    generator = Generator.load(config, step=args.step, decoder_dir=args.decoder)
+  generator = (Generator.load_bundle(config) if args.bundle
+               else Generator.load(config, step=args.step, decoder_dir=args.decoder))
   records = generate(args.task, generator, prompts, out_dir, rows=args.rows,
                      num_candidates=args.num_candidates, num_retrieved=args.num_retrieved,
                      seed=args.seed, columns=args.columns)

@@ -63,6 +63,7 @@ def load_embedder(config, generator):
 
 
 def run(args, config) -> int:
+  from cm3leon_jax import export
   from cm3leon_jax.decode.api import Generator
   from cm3leon_jax.eval import report
   from cm3leon_jax.eval.features import feature_extractor
@@ -70,11 +71,8 @@ def run(args, config) -> int:
 
   if args.suite not in SUITES:
     raise InputError(f"--suite {args.suite}: unknown suite (choose from {', '.join(SUITES)})")
+  config = export.cli_config(args, config)
   if args.bundle:
-    from cm3leon_jax import export
-    if args.step is not None or args.decoder:
-      raise InputError("--bundle holds one decoder: --step and --decoder do not apply")
-    config = export.load_config(args.bundle, getattr(args, "overrides", ()))
     if not os.path.isdir(artifacts(config).data_dir):
       raise InputError(f"{artifacts(config).data_dir}: no dataset; a bundle holds none: pass "
                        "--config.data.data_dir=<the built dataset's directory>")
@@ -82,10 +80,8 @@ def run(args, config) -> int:
   else:
     out_dir = output_dir(config, args.suite, args.output, args.decoder)
   start = time.time()
-  if args.bundle:
-    generator = Generator.from_bundle(args.bundle, getattr(args, "overrides", ()))
-  else:
-    generator = Generator.load(config, step=args.step, decoder_dir=args.decoder)
+  generator = (Generator.load_bundle(config) if args.bundle
+               else Generator.load(config, step=args.step, decoder_dir=args.decoder))
   embedder = load_embedder(config, generator)
   if "text_to_image" in SUITES[args.suite]:
     feature_extractor(config, embedder)  # a bad fid_features fails before any decoding

@@ -91,6 +91,12 @@ def pool_oracle(all_correct_N: Sequence[float], num_candidates: int) -> float:
   return float(np.mean(rows.max(axis=1) >= 1.0))
 
 
+def candidate_scores(images_NHW3, scenes, num_candidates: int) -> list[dict]:
+  """The analyzer's score of every candidate (prompt-major) against its prompt's scene."""
+  return [analyzer.score_scene(image, scene) for image, scene
+          in zip(images_NHW3, [s for s in scenes for _ in range(num_candidates)])]
+
+
 def vq_reconstruction(generator, images_BHWC: np.ndarray, scenes) -> dict:
   """Analyzer accuracy of the prompts' real renders after a VQ round trip: the most any
   decoder can reach through this VQ (it never saw a never-seen pair either)."""
@@ -119,8 +125,7 @@ def text_to_image(config, generator, embedder, records: Records) -> tuple[dict, 
                                    seed=int(e.seed))
   best, cands = result.images_BHWC, result.candidates_BNHWC
   flat = cands.reshape(-1, *cands.shape[2:])
-  cand_scores = [analyzer.score_scene(image, scene)
-                 for image, scene in zip(flat, [s for s in scenes for _ in range(n_cand)])]
+  cand_scores = candidate_scores(flat, scenes, n_cand)
   out = {
       "num_prompts": len(prompts), "num_candidates": n_cand, "pool": d.pool,
       "cfg_weight": float(d.cfg_weight), "num_retrieved": num_retrieved,
@@ -154,8 +159,7 @@ def text_to_image(config, generator, embedder, records: Records) -> tuple[dict, 
                                    num_retrieved=num_retrieved, seed=int(e.seed))
     seen_flat = seen.candidates_BNHWC.reshape(-1, *seen.candidates_BNHWC.shape[2:])
     seen_scenes = [r["scene"] for r in seen_r]
-    seen_scores = [analyzer.score_scene(image, scene) for image, scene
-                   in zip(seen_flat, [s for s in seen_scenes for _ in range(n_cand)])]
+    seen_scores = candidate_scores(seen_flat, seen_scenes, n_cand)
     out["seen_pairs"] = {
         "split": "eval", "num_prompts": len(seen_r),
         "accuracy": attributes.image_accuracy(seen.images_BHWC, seen_scenes),
