@@ -172,6 +172,28 @@ def test_task_mixture_follows_the_weights(tmp_path):
   assert sum(i < 200 for i in ids) == 48 and sum(i >= 200 for i in ids) == 16
 
 
+def test_no_retrieval_rate_sends_that_fraction_of_examples_without_neighbours(task):
+  def retrieved_counts(rate):
+    join = pipeline.Join(task, Assembler.from_config(load()), 2, 0.5, no_retrieval_rate=rate)
+    out = []
+    for doc_id in range(48):
+      example = join(read(task, doc_id), np.random.default_rng(doc_id))
+      seq = cm3.unmask(np.append(example["inputs"], example["targets"][-1]), VOCAB)
+      out.append(len(VOCAB.ids_to_documents(seq)) - 1)  # documents before the query
+    return np.array(out)
+
+  assert (retrieved_counts(0.0) == 2).all()  # every query with both of its neighbours
+  assert (retrieved_counts(1.0) == 0).all()  # the query alone
+  half = retrieved_counts(0.5)
+  assert set(half.tolist()) == {0, 2}
+  assert 14 <= (half == 0).sum() <= 34  # 48 draws at p = 0.5: mean 24, sd 3.5
+
+
+def test_a_no_retrieval_rate_outside_0_1_is_an_input_error(task):
+  with pytest.raises(InputError, match="retrieval.no_retrieval_rate=1.5"):
+    pipeline.Join(task, Assembler.from_config(load()), 2, 0.5, no_retrieval_rate=1.5)
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 def join_for(task, *overrides):

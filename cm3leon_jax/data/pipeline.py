@@ -21,7 +21,8 @@ Stages (DESIGN.md: only cheap host work here):
   -> this process's shard ([process_index::process_count], equal sizes on every host)
   -> shuffle (data.shuffle_seed, reshuffled every epoch) -> repeat
   -> join with the static neighbours: `retrieval.num_train_docs` picked at random (seeded per
-     example) and read from the memory bank -> assembly + CM3 masking (assembly.py, cm3.py)
+     example) and read from the memory bank; a `retrieval.no_retrieval_rate` fraction of the
+     examples gets none (the query document alone) -> assembly + CM3 masking (assembly.py, cm3.py)
   -> task mixture (weights; SFT adds tasks) -> pack or pad to L (packing.py) -> batch
   -> multiprocess prefetch (`data.num_workers` processes, `data.prefetch` batches each).
 Every random choice comes from Grain's per-element generators, so a run is a pure function of
@@ -96,8 +97,11 @@ class Join:
   """
 
   def __init__(self, task: Task, assembler: Assembler, num_train_docs: int,
-               max_skipped_fraction: float):
+               max_skipped_fraction: float, no_retrieval_rate: float = 0.0):
+    if not 0.0 <= no_retrieval_rate <= 1.0:
+      raise InputError(f"retrieval.no_retrieval_rate={no_retrieval_rate}: must lie in [0, 1]")
     self.task = task
+    self.no_retrieval_rate = float(no_retrieval_rate)
     self.assembler = assembler
     self.vocab = assembler.vocab
     self.num_train_docs = int(num_train_docs)
@@ -175,7 +179,7 @@ class Join:
       self._note(problem, f"document {doc_id} of {self.task.tokens_dir}: {problem}; skipped")
       self._check_fractions()
       return None
-    retrieved = self._retrieve(doc_id, rng) if self.task.neighbours_dir else []
+    retrieved = self._retrieve(doc_id, rng) if self._with_neighbours(rng) else []
     example, counts = self.assembler(query, retrieved, rng)
     if counts["uncuttable"]:
       self.counts["skipped"] += 1
@@ -187,6 +191,14 @@ class Join:
     self.counts["retrieved_dropped"] += counts["retrieved_dropped"]
     self._check_fractions()
     return example
+
+  def _with_neighbours(self, rng: np.random.Generator) -> bool:
+    """Whether this example gets retrieved documents: never without a neighbours directory,
+    else with probability 1 - no_retrieval_rate (no draw at rate 0: the stream of the recipe
+    without the option is unchanged)."""
+    if not self.task.neighbours_dir:
+      return False
+    return self.no_retrieval_rate == 0.0 or rng.random() >= self.no_retrieval_rate
 
   def _retrieve(self, doc_id: int, rng: np.random.Generator) -> list[np.ndarray]:
     neighbours, memory = self._open()
@@ -223,7 +235,8 @@ def task_dataset(task: Task, config, *, seed: int, process_index: int, process_c
                  num_epochs: int | None) -> grain.MapDataset:
   """One task's examples (unpadded dicts, None where skipped) for this process's shard."""
   join = Join(task, Assembler.from_config(config), config.retrieval.num_train_docs,
-              config.data.max_skipped_fraction)
+              config.data.max_skipped_fraction,
+              float(config.retrieval.get("no_retrieval_rate", 0.0)))
   usable = join.num_docs - join.num_docs % process_count  # same count on every host
   if usable < process_count:
     raise InputError(f"{task.tokens_dir}: {join.num_docs} documents cannot be shared by "
