@@ -1,6 +1,8 @@
 """Two real JAX processes on this machine (gloo CPU collectives, 2 CPU devices each) run
 `cm3leon train` on the project's data together: one 4-device mesh, each process feeding its
-own half of the global batch, one shared Orbax checkpoint that a single process restores."""
+own half of the global batch, one shared Orbax checkpoint that a single process restores.
+The training run treats the processes as the mesh's slices (`mesh.num_slices=2`: the data
+axis across processes, fsdp inside each), the multislice layout of train/mesh.py."""
 
 import json
 import os
@@ -55,8 +57,8 @@ def test_two_processes_train_and_checkpoint(tmp_path):
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   args = [sys.executable, "-m", "cm3leon_jax", "train", "--config", "tiny",
           f"--config.workdir={workdir}", *OVERRIDES, "--config.train.steps=3",
-          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--no-progress",
-          "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.num_slices=2",
+          "--no-progress", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
   outputs = run_two_processes(args, env)
   assert "train: step 3/3" in outputs[0]  # process 0 reports; process 1 stays quiet
   assert "train: step" not in outputs[1]

@@ -4,6 +4,7 @@
     python tpu/compile_check.py                                    # every preset x topology
     python tpu/compile_check.py --config cm3leon_7b --topology v5p:4x4x8
     python tpu/compile_check.py --config cm3leon_350m --topology v5e:4x4 --micro-batch 4 --remat none
+    python tpu/compile_check.py --config cm3leon_350m --topology v5e:4x4 --num-slices 2  # multislice
 
 For each (preset, topology) it builds the ('data', 'fsdp', 'tensor') mesh over the topology's
 devices, the abstract sharded train state (no parameters are allocated), and lowers and
@@ -14,6 +15,10 @@ kernel) with `jax.jit(...).lower(...).compile()`. It prints per-device memory fr
 XLA's cost analysis counts a loop body once: its number is one microbatch of one scanned layer
 plus the embedding / LM head / optimizer (the splash kernel, a custom call, counts 0), not
 the step; the analytic column is the whole step per device (flops.py).
+
+Multislice (`--num-slices N`): N copies of the topology joined over DCN, the devices' slice
+indices set by libtpu; the mesh comes from the trainer's own `make_mesh` (train/mesh.py): the
+data axis is split across the slices (data = N), fsdp spans each slice.
 
 The plan: the paper's global batch (train.batch_size sequences of seq_len tokens) is kept; it
 is split into microbatches of `micro_batch` sequences per data x fsdp shard by gradient
@@ -44,7 +49,7 @@ from cm3leon_jax.errors import InputError  # noqa: E402
 from cm3leon_jax.model.attention import compiling_for_tpu  # noqa: E402
 from cm3leon_jax.model.decoder import DecoderConfig  # noqa: E402
 from cm3leon_jax.train import flops  # noqa: E402
-from cm3leon_jax.train.mesh import MESH_AXES, mesh_shape  # noqa: E402
+from cm3leon_jax.train.mesh import MESH_AXES, make_mesh, mesh_shape  # noqa: E402
 from cm3leon_jax.train.state import abstract_train_state  # noqa: E402
 from cm3leon_jax.train.step import BATCH_DTYPES, make_train_step  # noqa: E402
 
@@ -81,10 +86,14 @@ class Result:
 
 
 def chip_of(topology: str) -> str:
-  return topology.split(":")[0].split("_")[0].split("=")[0]
+  return topology.split(" x ")[-1].split(":")[0].split("_")[0].split("=")[0]
 
 
-def tpu_mesh(topology: str, mesh_config) -> Mesh:
+def tpu_mesh(topology: str, mesh_config, num_slices: int = 1) -> Mesh:
+  if num_slices > 1:  # the trainer's hybrid (ICI x DCN) mesh over the slices' devices
+    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                        num_slices=num_slices)
+    return make_mesh(mesh_config, topo.devices)
   topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
   shape = mesh_shape(mesh_config, len(topo.devices))
   physical = topologies.make_mesh(topo, shape, MESH_AXES)
@@ -92,9 +101,12 @@ def tpu_mesh(topology: str, mesh_config) -> Mesh:
 
 
 def compile_one(preset: str, topology: str, micro_batch: int, remat: str,
-                mesh_overrides=("mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1")) -> Result:
+                num_slices: int = 1) -> Result:
+  mesh_overrides = (f"mesh.data={num_slices}", "mesh.fsdp=-1", "mesh.tensor=1")
   base = configs.load(preset, list(mesh_overrides))
-  mesh = tpu_mesh(topology, base.mesh)
+  mesh = tpu_mesh(topology, base.mesh, num_slices)
+  if num_slices > 1:
+    topology = f"{num_slices} x {topology}"
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   batch = base.train.batch_size
   if batch % (shards * micro_batch):
@@ -135,11 +147,11 @@ def compile_one(preset: str, topology: str, micro_batch: int, remat: str,
                 analytic / 1e12, compile_s)
 
 
-def fit(preset: str, topology: str, plans=PLANS) -> Result:
+def fit(preset: str, topology: str, plans=PLANS, num_slices: int = 1) -> Result:
   """The first plan (fastest first) whose per-device memory fits the chip's HBM."""
   result = None
   for micro_batch, remat in plans:
-    result = compile_one(preset, topology, micro_batch, remat)
+    result = compile_one(preset, topology, micro_batch, remat, num_slices)
     print(format_row(result), flush=True)
     if result.fits:
       return result
@@ -164,9 +176,13 @@ def main(argv=None) -> int:
   p.add_argument("--config", nargs="*", default=list(PRESETS))
   p.add_argument("--topology", nargs="*", default=None,
                  help="TPU topologies, e.g. v5p:4x4x8 v5e:16x16 (default: two per preset)")
+  p.add_argument("--num-slices", type=int, default=1,
+                 help="multislice: this many copies of each topology over DCN (data axis split)")
   p.add_argument("--micro-batch", type=int, default=None)
   p.add_argument("--remat", default=None, choices=("none", "dots_saveable", "nothing_saveable"))
   args = p.parse_args(argv)
+  if args.num_slices < 1:
+    p.error(f"--num-slices {args.num_slices}: must be >= 1")
   plans = PLANS
   if args.micro_batch or args.remat:
     plans = ((args.micro_batch or 1, args.remat or "nothing_saveable"),)
@@ -176,7 +192,7 @@ def main(argv=None) -> int:
   chosen = []
   for preset in args.config:
     for topology in args.topology or DEFAULT_TOPOLOGIES.get(preset, ("v5p:2x2x2",)):
-      chosen.append(fit(preset, topology, plans))
+      chosen.append(fit(preset, topology, plans, args.num_slices))
   print("\nchosen plans:")
   print(HEADER)
   print("|" + "---|" * (HEADER.count("|") - 1))

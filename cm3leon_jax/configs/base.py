@@ -208,6 +208,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Multislice: slices the data axis is split over (0 = as the devices say: TPU slice_index).
+  c.mesh.num_slices = 0
   c.mesh.axis_rules = DEFAULT_AXIS_RULES
 
   c.decoding = ml_collections.ConfigDict()

@@ -3,6 +3,14 @@
 Every job that runs on devices (decoder training, VQ training, encoding, embedding) builds its
 mesh here, so one `config.mesh` section decides the layout everywhere. Axes are `Auto`
 (GSPMD propagation, as MaxText runs), see JAX_NOTES.md.
+
+Multislice (several TPU slices joined by the data-centre network, DCN): the `data` axis is
+split across the slices and `fsdp` / `tensor` stay inside one slice, so only the gradient
+all-reduce of data parallelism crosses the slow network while parameter gathers (fsdp) and
+tensor parallelism run over each slice's ICI links. `mesh.num_slices`: 0 = the slices the
+devices report (TPU `slice_index`; one elsewhere); N > 1 on platforms without slices treats
+the processes as the DCN units (multi-host GPU / CPU: N must equal the process count). The
+device order comes from `jax.experimental.mesh_utils.create_hybrid_device_mesh`.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from typing import Sequence
 import jax
 import numpy as np
 import flax.linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cm3leon_jax.errors import InputError
@@ -41,11 +50,46 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   return tuple(shape)
 
 
+def num_slices(mesh_config, devices: Sequence[jax.Device]) -> tuple[int, bool]:
+  """(slices the data axis is split over, whether processes stand in for slices)."""
+  found = len({getattr(d, "slice_index", 0) for d in devices})
+  wanted = int(mesh_config.get("num_slices", 0))
+  if wanted < 0:
+    raise InputError(f"--config.mesh.num_slices={wanted}: must be >= 0 (0 = as the devices say)")
+  if wanted in (0, found):
+    return found, False
+  if found > 1:
+    raise InputError(f"--config.mesh.num_slices={wanted}, but the devices belong to {found} "
+                     "TPU slices")
+  processes = len({d.process_index for d in devices})
+  if wanted != processes:
+    raise InputError(f"--config.mesh.num_slices={wanted}: without TPU slices the processes are "
+                     f"the DCN units, and these devices belong to {processes} processes")
+  return wanted, True
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices)."""
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices); across slices
+  (multislice) a hybrid ICI x DCN mesh with `data` split over the slices."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices, processes_are_slices = num_slices(mesh_config, devices)
+  if slices > 1:
+    if shape[0] % slices:
+      raise InputError(f"--config.mesh: data={shape[0]} must be a multiple of the {slices} "
+                       "slices (multislice jobs split the data axis across slices)")
+    per_slice = (shape[0] // slices, shape[1], shape[2])
+    # As jax.make_mesh (which refuses multislice): v5e slices may split physical axes.
+    split = devices[0].device_kind in ("TPU v5 lite", "TPU v5e")
+    try:
+      grid = mesh_utils.create_hybrid_device_mesh(
+          per_slice, (slices, 1, 1), devices, process_is_granule=processes_are_slices,
+          allow_split_physical_axes=split)
+    except (ValueError, NotImplementedError) as e:
+      raise InputError(f"--config.mesh: {dict(zip(MESH_AXES, per_slice))} per slice does not "
+                       f"map onto each slice's devices ({e})") from None
+    return Mesh(grid, MESH_AXES, axis_types=auto)
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)

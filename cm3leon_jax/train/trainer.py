@@ -91,12 +91,16 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   """`jax.distributed.initialize` when the job spans more than one process.
 
   Explicit arguments (e.g. several processes on one machine) or, with none given, the
-  environment a TPU pod / SLURM / JAX_COORDINATOR_ADDRESS provides. Call before anything
-  touches a JAX device.
+  environment a TPU pod / multislice job / SLURM / JAX_COORDINATOR_ADDRESS provides.
+  `CM3LEON_DISTRIBUTED=1` forces the argument-free call: Cloud TPU VMs may keep their worker
+  list in the VM metadata rather than the environment, where JAX finds it and this check
+  cannot (tpu/pod.py sets it on every worker). Call before anything touches a JAX device.
   """
   explicit = num_processes is not None and num_processes > 1
   env_multi = ("JAX_COORDINATOR_ADDRESS" in os.environ
+               or os.environ.get("CM3LEON_DISTRIBUTED") == "1"
                or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+               or int(os.environ.get("MEGASCALE_NUM_SLICES", "1")) > 1
                or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
   if not (explicit or env_multi):
     return
