@@ -133,6 +133,21 @@ just before: 279.7 tok/s):
 The table above's batch-1 row (2.68x) was the machine's load, not the sampler: 3x is met at
 batch 1 here and missed at batch 8 without CFG (2.72x; its step is ~10 ms: ~5 ms of M = 8
 weight GEMMs at ~25 GB/s, ~4 ms of attention over the windowed cache).
+
+Batch 8 without CFG probed again (2026-11-28, same machine type, quiet; JAX-only runs of this
+script, `--batches 8 --no-cfg`, 789.0 tok/s as it is): XLA CPU flags, each for the whole
+program: `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK fusions) 658.6, the same plus
+XNNPACK dots 609.0, `--xla_cpu_prefer_vector_width=512` 752.9, the concurrency-optimised
+scheduler 781.9, fast math 797.0 (noise). Stand-alone loops of the step's pieces (8 layers of
+the bench shape + the half LM head, 200 steps, median of 5): the weight products at M = 8 take
+4.3-4.6 ms (25-27 GB/s of weights; M = 1: 2.6 ms, 45 GB/s), and no other form of the same
+product was faster: weights stored transposed 7.0 ms, (W^T x^T)^T 6.6, two M = 4 products 6.1,
+eight M = 1 products 9.0, vmap over rows 5.0. Attention over a [64, 673, 64] cache (the
+windows' mean length) x 8 layers: 4.3 ms with the batched dots as they are (41 GB/s, this
+machine's read bandwidth), 8.5 / 7.8 ms written as multiply + reduce. So the attention is at
+the bandwidth bound and the weight products at ~60% of it, limited by XLA's CPU GEMM kernels
+at M = 8; 3x without CFG at batch 8 would need fewer bytes (bf16 weights, which changes the
+float32 numerics the peer is compared at) or a better M = 8 kernel than XLA provides.
 """
 
 from __future__ import annotations
