@@ -350,7 +350,8 @@ def test_text_mentions_existing_files_fields_and_presets():
       node = node[key]
   for override in set(re.findall(r"(--config\.[\w.]+=[\w.+-]+)", text)):
     configs.load(PRESET, [override])
-  quoted = re.findall(r"`(\w+\.\w+)=([\w.+-]+)`", text)  # the preset's values, e.g. `vq.batch_size=16`
+  # the preset's values, e.g. `vq.batch_size=16`
+  quoted = re.findall(r"`(\w+\.\w+)=([\w.+-]+)`", text)
   assert quoted
   for field, value in quoted:
     section, name = field.split(".")

@@ -11,17 +11,22 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_350m_train_step_compiles_for_v5e_and_fits_hbm():
+def chosen_350m_row(*flags: str) -> list[str]:
+  """The cells of the last cm3leon_350m row compile_check prints for these flags."""
   pytest.importorskip("libtpu", reason="pip install libtpu (requirements-dev) for AOT compiles")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   out = subprocess.run(
       [sys.executable, "tpu/compile_check.py", "--config", "cm3leon_350m", "--topology",
-       "v5e:4x4", "--micro-batch", "1", "--remat", "dots_saveable"],
+       "v5e:4x4", "--micro-batch", "1", "--remat", "dots_saveable", *flags],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   rows = [line for line in out.stdout.splitlines() if line.startswith("| cm3leon_350m")]
-  cells = [c.strip() for c in rows[-1].strip("|").split("|")]
+  return [c.strip() for c in rows[-1].strip("|").split("|")]
+
+
+@pytest.mark.slow
+def test_350m_train_step_compiles_for_v5e_and_fits_hbm():
+  cells = chosen_350m_row()
   assert cells[1:5] == ["v5e:4x4", "16", "(1, 16, 1)", "1 x 128"]
   memory, hbm, fits = float(cells[6]), float(cells[7]), cells[8]
   assert 1.0 < memory < 0.9 * hbm and fits == "yes"
@@ -31,15 +36,7 @@ def test_350m_train_step_compiles_for_v5e_and_fits_hbm():
 
 @pytest.mark.slow
 def test_350m_train_step_compiles_for_two_v5e_slices_with_data_across_slices():
-  pytest.importorskip("libtpu", reason="pip install libtpu (requirements-dev) for AOT compiles")
-  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-  out = subprocess.run(
-      [sys.executable, "tpu/compile_check.py", "--config", "cm3leon_350m", "--topology",
-       "v5e:4x4", "--num-slices", "2", "--micro-batch", "1", "--remat", "dots_saveable"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-  rows = [line for line in out.stdout.splitlines() if line.startswith("| cm3leon_350m")]
-  cells = [c.strip() for c in rows[-1].strip("|").split("|")]
+  cells = chosen_350m_row("--num-slices", "2")
   # 32 chips; data = 2 (one row per slice), fsdp = 16 inside each slice; the batch of 2,048
   # sequences is 32 shards x microbatches of 1 x 64 accumulation steps.
   assert cells[1:5] == ["2 x v5e:4x4", "32", "(2, 16, 1)", "1 x 64"]

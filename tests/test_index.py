@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from cm3leon_jax import configs
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.retrieval import index as index_lib
 from cm3leon_jax.retrieval.index import Index, Settings, choose_settings, exact_search
@@ -101,9 +102,36 @@ def test_default_tree_settings_spill_and_a_negative_soar_lambda_is_an_error():
   assert choose_settings(100_000, soar_lambda=0.0).soar_lambda == 0.0
   with pytest.raises(InputError, match="soar_lambda"):
     choose_settings(100_000, soar_lambda=-1.0)
-  assert s.soar_overretrieve == 1.0
-  with pytest.raises(InputError, match="retrieval.soar_overretrieve=0.5: must be >= 1"):
-    choose_settings(100_000, soar_overretrieve=0.5)
+  assert s.soar_overretrieve == 1.01
+  for bad in (0.5, 1.0, 2.5):  # 1.0: ScaNN saves a SOAR index it cannot load
+    with pytest.raises(InputError, match=rf"retrieval.soar_overretrieve={bad}: must lie in"):
+      choose_settings(100_000, soar_overretrieve=bad)
+
+
+def test_an_index_with_the_config_defaults_saves_and_loads(tmp_path):
+  """The quickstart's path: a bank above brute_force_below gets the config's tree + SOAR
+  settings, and `save` + `load` give the same answers (ScaNN 1.4.2 saved an index it could not
+  load at soar_overretrieve 1.0, the config's default of one session)."""
+  config = configs.load("quickstart")
+  rng = np.random.default_rng(3)
+  n = config.retrieval.brute_force_below + 1000
+  bank = rng.normal(size=(n, 16)).astype(np.float32)
+  bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+  index = Index.build(bank, retrieval_config=config.retrieval)
+  assert not index.settings[0].brute_force and index.settings[0].soar_lambda > 0
+  index.save(str(tmp_path / "index"))
+  loaded = Index.load(str(tmp_path / "index"))
+  for (a, b) in zip(index.search(bank[:20], 10), loaded.search(bank[:20], 10)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_searcher_scann_cannot_load_back_fails_the_save_and_writes_nothing(bank, tmp_path):
+  index = Index.build(bank[:2000], Settings(brute_force=False, num_leaves=20, leaves_to_search=5,
+                                            training_sample_size=2000, spherical=True,
+                                            soar_lambda=1.0, soar_overretrieve=1.0))
+  with pytest.raises(RuntimeError, match="ScaNN cannot load the index it just saved"):
+    index.save(str(tmp_path / "broken"))
+  assert not list(tmp_path.iterdir())  # no index, no temp dir left behind
 
 
 def test_an_index_saved_before_soar_overretrieve_loads_with_scanns_default(bank, tmp_path):

@@ -12,8 +12,11 @@ candidates. Spherical partitions + SOAR, at recall@10 >= 0.95 on the 1M bank of 
 embeddings of experiments/bench/retrieval.py (2-core CPU, 2026-11-27): 83-89k queries/s, the
 plain tree 70-79k; on its clustered synthetic 1M bank spilling costs (81k vs 111k; FAISS's
 best: 23k). With spilling the hashing stage keeps `soar_overretrieve` x the reorder count of
-candidates: 1 instead of ScaNN's default 2 measured 104k vs 90k queries/s on the 1M encoder
-bank (FAISS HNSW: 99k), 189k vs 132k on the 100k one, at the same recall. A bank that does
+candidates: just above 1 (1.01) instead of ScaNN's default 2 measured 108k vs 96k queries/s on
+the 1M encoder bank (FAISS HNSW: 99-108k) at the same recall. Exactly 1 searches as fast, but
+ScaNN 1.4.2 then saves no SOAR hashed data and cannot load the index it saved, so the value
+must lie in (1, 2] and `save` loads every shard back before the index is renamed into place.
+A bank that does
 not fit one host is split into S contiguous shards, each its own searcher; a query goes to
 every shard (scatter) and the per-shard top-k are merged (gather), with shard-local ids offset
 to global doc ids. `exact_search` is the numpy ground truth.
@@ -55,12 +58,14 @@ class Settings:
 
 def choose_settings(num_vectors: int, brute_force_below: int = 20000, num_leaves: int = 0,
                     leaves_to_search: int = 0, reorder: int = 100, spherical: bool = True,
-                    soar_lambda: float = 1.0, soar_overretrieve: float = 1.0) -> Settings:
+                    soar_lambda: float = 1.0, soar_overretrieve: float = 1.01) -> Settings:
   """Builder settings for a bank of `num_vectors` (0 for a field: derived from the size)."""
   if soar_lambda < 0:
     raise InputError(f"retrieval.soar_lambda={soar_lambda}: must be >= 0 (0 = no spilling)")
-  if soar_overretrieve < 1:
-    raise InputError(f"retrieval.soar_overretrieve={soar_overretrieve}: must be >= 1")
+  if not 1 < soar_overretrieve <= 2:
+    raise InputError(f"retrieval.soar_overretrieve={soar_overretrieve}: must lie in (1, 2] "
+                     "(ScaNN's range is [1, 2], but at exactly 1 it saves an index it cannot "
+                     "load; 1.01 searches as fast)")
   if num_vectors < brute_force_below:
     return Settings(brute_force=True, reorder=reorder)
   leaves = num_leaves or max(2, int(round(math.sqrt(num_vectors))))
@@ -233,6 +238,7 @@ class Index:
         shard_dir = os.path.join(tmp, f"shard-{i:05d}")
         os.makedirs(shard_dir)
         searcher.serialize(shard_dir, relative_path=True)  # relative: survives the rename
+        _check_loads(shard_dir, self.settings[i])
       if embeddings_ND is not None:
         np.save(os.path.join(tmp, EMBEDDINGS), check_bank(embeddings_ND))
       meta = dict(dim=self.dim, offsets=self.offsets, sizes=self.sizes,
@@ -261,6 +267,18 @@ class Index:
         raise InputError(f"{shard_dir}: missing shard of the index")
       searchers.append(scann_ops_pybind.load_searcher(shard_dir))
     return cls(searchers, offsets, sizes, dim, settings)
+
+
+def _check_loads(shard_dir: str, settings: Settings) -> None:
+  """Load a just-serialized searcher back: ScaNN has written indexes it cannot load (SOAR at
+  overretrieve exactly 1), and a broken index must fail here, not in the next job."""
+  from scann import scann_ops_pybind
+
+  try:
+    scann_ops_pybind.load_searcher(shard_dir)
+  except RuntimeError as e:
+    raise RuntimeError(f"ScaNN cannot load the index it just saved ({e}); settings "
+                       f"{settings}. Nothing was written.") from None
 
 
 def load_embeddings(directory: str, mmap: bool = True) -> np.ndarray:

@@ -86,6 +86,17 @@ centroids, same sweep of leaves / reorder; fastest at recall@10 >= 0.95): the bu
 is 109.0k queries/s (leaves 2 / 1,000, reorder 40); with an upper tree of 32 centroids
 searching 4 / 8 of them 97.3k / 95.5k; 2,000 leaves 99.4k, with an upper tree of 45 (12
 searched) 85.6k. Rejected: the leaf-centroid search is not what limits it.
+
+Overretrieve exactly 1 could not be kept (found 2026-11-28 when `cm3leon quickstart` from an
+empty workdir failed at its retrieve stage): ScaNN 1.4.2 serialises a SOAR searcher built with
+`overretrieve_factor=1.0` without its SOAR hashed dataset and then refuses to load it ("If
+hashed_dataset is set and SOAR database spilling is enabled, soar_hashed_dataset must be
+set"); 1.01 saves and loads. Same script, same bank and sweep (leaves 2-5 x reorder 30-70),
+one build each, fastest at recall@10 >= 0.95: overretrieve 1.0 106.4k, **1.01 108.3k**, 2.0
+96.1k queries/s (all at leaves 2, reorder 40, recall 0.951-0.953). The builder's default is
+now 1.01 (`retrieval.soar_overretrieve` must lie in (1, 2]) and `Index.save` loads every shard
+back before renaming the index into place. The tables above that say "overretrieve 1" measured
+the in-memory 1.0 searcher.
 """
 
 from __future__ import annotations
