@@ -86,7 +86,7 @@ class Result:
 
 
 def chip_of(topology: str) -> str:
-  return topology.split(" x ")[-1].split(":")[0].split("_")[0].split("=")[0]
+  return topology.split(":")[0].split("_")[0].split("=")[0]
 
 
 def tpu_mesh(topology: str, mesh_config, num_slices: int = 1) -> Mesh:
@@ -105,8 +105,7 @@ def compile_one(preset: str, topology: str, micro_batch: int, remat: str,
   mesh_overrides = (f"mesh.data={num_slices}", "mesh.fsdp=-1", "mesh.tensor=1")
   base = configs.load(preset, list(mesh_overrides))
   mesh = tpu_mesh(topology, base.mesh, num_slices)
-  if num_slices > 1:
-    topology = f"{num_slices} x {topology}"
+  label = f"{num_slices} x {topology}" if num_slices > 1 else topology  # the table's column
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   batch = base.train.batch_size
   if batch % (shards * micro_batch):
@@ -133,7 +132,7 @@ def compile_one(preset: str, topology: str, micro_batch: int, remat: str,
       raise
     # The TPU compiler itself refuses programs whose temporaries exceed HBM.
     needed = re.search(r"required for HLO temporaries \(([\d.]+)G\)", str(e))
-    return Result(preset, topology, mesh.devices.size, tuple(mesh.shape.values()), micro_batch,
+    return Result(preset, label, mesh.devices.size, tuple(mesh.shape.values()), micro_batch,
                   accum, remat, float(needed.group(1)) if needed else float("inf"), hbm,
                   float("nan"), analytic / 1e12, time.perf_counter() - t)
   compile_s = time.perf_counter() - t
@@ -142,7 +141,7 @@ def compile_one(preset: str, topology: str, micro_batch: int, remat: str,
                 - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return Result(preset, topology, mesh.devices.size, tuple(mesh.shape.values()), micro_batch,
+  return Result(preset, label, mesh.devices.size, tuple(mesh.shape.values()), micro_batch,
                 accum, remat, per_device / GIB, hbm, float(cost.get("flops", 0.0)) / 1e12,
                 analytic / 1e12, compile_s)
 
