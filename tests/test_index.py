@@ -110,7 +110,7 @@ def test_default_tree_settings_spill_and_a_negative_soar_lambda_is_an_error():
 
 def test_an_index_with_the_config_defaults_saves_and_loads(tmp_path):
   """The quickstart's path: a bank above brute_force_below gets the config's tree + SOAR
-  settings, and `save` + `load` give the same answers (ScaNN 1.4.2 saved an index it could not
+  settings, and `save` + `load` give the same neighbours (ScaNN 1.4.2 saved an index it could not
   load at soar_overretrieve 1.0, the config's default of one session)."""
   config = configs.load("quickstart")
   rng = np.random.default_rng(3)
@@ -121,8 +121,12 @@ def test_an_index_with_the_config_defaults_saves_and_loads(tmp_path):
   assert not index.settings[0].brute_force and index.settings[0].soar_lambda > 0
   index.save(str(tmp_path / "index"))
   loaded = Index.load(str(tmp_path / "index"))
-  for (a, b) in zip(index.search(bank[:20], 10), loaded.search(bank[:20], 10)):
-    np.testing.assert_array_equal(a, b)
+  ids, scores = index.search(bank[:20], 10)
+  ids2, scores2 = loaded.search(bank[:20], 10)
+  np.testing.assert_array_equal(ids, ids2)
+  # The reloaded SOAR searcher rescores in another summation order: scores may differ in the
+  # last float32 bit (seen: 0.7402810 vs 0.7402811), never in the ranking.
+  np.testing.assert_allclose(scores, scores2, rtol=1e-6, atol=0)
 
 
 def test_a_searcher_scann_cannot_load_back_fails_the_save_and_writes_nothing(bank, tmp_path):
