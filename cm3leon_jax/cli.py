@@ -14,7 +14,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from cm3leon_jax import configs
+from cm3leon_jax import configs, hugepages
 from cm3leon_jax.errors import InputError
 
 EXIT_INPUT_ERROR = 2
@@ -92,6 +92,8 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  if argv is None:  # the real command line, not a test calling main([...])
+    hugepages.reexec_with_hugepages()  # returns where it cannot help; see hugepages.py
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides, rest = _split_overrides(argv)
   command = next((a for a in rest if a in COMMANDS), None)

@@ -4,11 +4,13 @@
 
 32 px Shapes scenes; a VQ with 4x downsampling (8x8 = 64 codes per image, 256-entry
 codebook); a 512-entry byte-level BPE text tokenizer; a small dual encoder (conv stem, hard
-negatives); a 4-layer d=128 decoder with image-position embeddings trained 5600 steps of
+negatives); a 4-layer d=128 decoder with image-position embeddings trained 7000 steps of
 4 x 384-token retrieval-augmented CM3 sequences. Budget: the whole run within 15 minutes on
-2 CPU cores (measured on a 2-core AMD EPYC: 14.1 min with the 16 candidates per prompt used
-now, 13.4 and 13.6 min with 8; the decoder ~9 of them; a slower machine can go past 15:
-`--config.train.steps=2800` halves the decoder at the cost of the shapes);
+2 CPU cores (measured on a 2-core AMD EPYC with huge pages, cm3leon_jax/hugepages.py:
+12.9 min with 7,000 steps, 14.0 min with 7,600, 13.8 with 8,000; without huge pages 13.0 min
+with 5,600 steps; the decoder ~9 min of it; a slower machine, or one whose kernel has
+transparent huge pages off, can go past 15: `--config.train.steps=3500` halves the decoder
+at the cost of the shapes);
 `<workdir>/report.md` lists the wall time of every stage and the scores.
 
 Instruction tuning afterwards (not a quickstart stage: the 15-minute budget):
@@ -111,12 +113,15 @@ def get_config(arg=None):
   c.optimizer.peak_lr = 6e-3
   c.optimizer.warmup_steps = 50
   c.workdir = "outputs/quickstart"
-  # 5,600 steps (0.092 s/step here: ~9 min). Shape is the last attribute the decoder learns:
-  # the binding probe's shape row (true caption's image NLL lowest among the shape swaps) was
-  # 44% at 2,800 steps (the old encoder), 60% at 4,200 and 81% at 5,600 (fresh runs);
-  # text-to-image all-attributes on seen / never-seen pairs, 64 prompts each: 2,800 steps
-  # 53.1% / 10.9% (old encoder), 4,200: 54.7% / 12.5%, 5,600: 79.7% / 34.4% (issue 9 note).
-  c.train.steps = 5600
+  # 7,000 steps (~0.073 s/step with huge pages, cm3leon_jax/hugepages.py: ~9 min; 0.089 s
+  # without; 7,600 steps made the whole run 14.0 min, too close to 15). Shape is the last attribute the decoder learns, and never-seen colour-shape
+  # pairs need the most steps: the binding probe's shape row (true caption's image NLL lowest
+  # among the shape swaps) was 44% at 2,800 steps (the old encoder), 60% at 4,200 and 81% at
+  # 5,600 (fresh runs); text-to-image all-attributes on seen / never-seen pairs, 64 prompts
+  # each: 2,800 steps 53.1% / 10.9% (old encoder), 4,200: 54.7% / 12.5%, 5,600: 79.7% / 34.4%
+  # and (2026-11-28) 84.4% / 31.2%, 8,000: 95.3% / 54.7%; 5,600 then 5,600 more (a second
+  # warm-up and decay, 11,200 in all): 84.4% / 60.9% (issue 9 note).
+  c.train.steps = 7000
   c.train.batch_size = 4
   c.train.log_every = 100
   c.train.eval_every = 1400

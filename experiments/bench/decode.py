@@ -163,6 +163,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+if __name__ == "__main__":
+  # The allocator setting the `cm3leon` command runs under (cm3leon_jax/hugepages.py), for
+  # both frameworks of the table; CM3LEON_HUGEPAGES=0 measures without it.
+  from cm3leon_jax import hugepages
+  hugepages.reexec_with_hugepages()
+
 SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 if __name__ == "__main__" and "--jax-single-thread" in sys.argv:
   # XLA reads its flags once, when the backend starts: set them before importing jax.

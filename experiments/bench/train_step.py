@@ -69,6 +69,12 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
+if __name__ == "__main__":
+  # The allocator setting the `cm3leon` command runs under (cm3leon_jax/hugepages.py), for
+  # both frameworks of the table; CM3LEON_HUGEPAGES=0 measures without it.
+  from cm3leon_jax import hugepages
+  hugepages.reexec_with_hugepages()
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
