@@ -148,6 +148,20 @@ machine's read bandwidth), 8.5 / 7.8 ms written as multiply + reduce. So the att
 the bandwidth bound and the weight products at ~60% of it, limited by XLA's CPU GEMM kernels
 at M = 8; 3x without CFG at batch 8 would need fewer bytes (bf16 weights, which changes the
 float32 numerics the peer is compared at) or a better M = 8 kernel than XLA provides.
+
+Run again (2026-11-28, same machine type, quiet, `python experiments/bench/decode.py`, 6.5
+min) once this script, like the `cm3leon` command, ran with transparent huge pages for both
+frameworks (cm3leon_jax/hugepages.py; they made the train step 1.2-1.3x faster, decoding
+barely: JAX-only batch 8 without CFG 791 -> 823 tok/s in one A/B pair):
+
+| batch | CFG | JAX tok/s | s/image | HF tok/s | s/image | ratio | CPU-s ratio |
+|---|---|---|---|---|---|---|---|
+| 1 | no | 270.2 | 3.79 | 84.4 | 12.15 | 3.20x | 1.73x |
+| 1 | yes | 189.2 | 5.42 | 42.0 | 24.43 | 4.51x | 4.87x |
+| 8 | no | 794.3 | 1.29 | 275.3 | 3.72 | 2.89x | 3.14x |
+| 8 | yes | 521.0 | 1.97 | 146.6 | 6.99 | 3.55x | 3.92x |
+
+Batch 8 without CFG still misses 3x (2.89x; JAX 794 tok/s as before, HF a little slower).
 """
 
 from __future__ import annotations

@@ -22,6 +22,13 @@ Measured with `python experiments/bench/train_step.py` on two 2-core machines, a
 - 2026-11-26, the previous session's 2-core machine (measured peak 276.5 GFLOP/s), quiet: JAX
   9.497 s (431 tokens/s, 35.3%) vs OPT 5.311 s (771 tokens/s, 63.2%): 0.56x, neither target
   met there (earlier runs: 1.17x, 0.80x); run alone, JAX took 6.3-7.0 s per step that hour.
+- 2026-11-28, 2-core AMD EPYC, back to back, after `cm3leon` and this script began to run
+  with transparent huge pages (cm3leon_jax/hugepages.py): with them JAX 4.002 s per step
+  (1,023 tokens/s, MFU 51.8%) vs PyTorch OPT 6.268 s (653 tokens/s, 33.1%): 1.57x; with
+  `CM3LEON_HUGEPAGES=0` JAX 4.779 s (857 tokens/s, 45.4%) vs OPT 5.846 s (701 tokens/s,
+  37.2%): 1.22x. The quickstart preset (`--config quickstart --skip-torch`): 0.085-0.086 s
+  without, 0.064-0.077 s with (28,000 vs ~2,000 page faults a step: XLA maps a fresh
+  ~110 MB of temporaries every step).
 The ratio depends on the CPU it runs on. The loss column differs by design of the timing, not
 the math: OPT's AdamW runs at the peak learning rate from its first step, ours follows the
 preset's schedule (1,500 warm-up steps), so after a few steps ours has barely moved from
