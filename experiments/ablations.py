@@ -44,7 +44,7 @@ import shutil
 import sys
 import time
 
-from cm3leon_jax import cli, configs
+from cm3leon_jax import cli, configs, hugepages
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.paths import artifacts
 from experiments import ablation_report as R
@@ -493,6 +493,8 @@ def info(plan: Plan, config, store: Store, total: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+  if argv is None:  # run as a script: the allocator setting of the `cm3leon` command
+    hugepages.reexec_with_hugepages()
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     return run(parse(argv))
