@@ -14,7 +14,7 @@ Rounds alternate JAX and PyTorch so a change in the machine's load hits both; me
 reported. MFU uses the analytic model FLOPs of cm3leon_jax/train/flops.py for both (causal
 attention counted as half of full attention).
 
-Measured with `python experiments/bench/train_step.py` on two 2-core machines, a day apart:
+Measured with `python experiments/bench/train_step.py` on 2-core machines, days apart:
 - 2026-11-27, 2-core AMD EPYC (measured float32 peak 462 GFLOP/s), three runs in a row:
   JAX 4.485 / 4.351 / 4.220 s per step (913 / 941 / 971 tokens/s, MFU 44.8 / 44.9 / 47.2%)
   vs PyTorch OPT 5.626 / 5.450 / 5.426 s (728 / 752 / 755 tokens/s, 35.7-36.7%): 1.25x /
