@@ -82,3 +82,27 @@ def reexec_with_hugepages(orig_argv: Sequence[str] | None = None) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *argv[1:]], with_tunable(os.environ))
+
+
+def active(environ: Mapping[str, str], thp: str | None) -> bool:
+  """Whether this process's malloc gets transparent huge pages."""
+  tunables = environ.get("GLIBC_TUNABLES", "").split(":")
+  return thp == "always" or (thp == "madvise" and f"{TUNABLE}=1" in tunables)
+
+
+def slow_memory_note(environ: Mapping[str, str] | None = None, system: str | None = None,
+                     thp: str | None = None) -> str | None:
+  """One line for long CPU jobs when huge pages are off on Linux (None when on, or elsewhere)."""
+  environ = os.environ if environ is None else environ
+  system = platform.system() if system is None else system
+  thp = thp_mode() if thp is None else thp
+  if system != "Linux" or active(environ, thp):
+    return None
+  if environ.get(OPT_OUT) == "0":
+    why = f"{OPT_OUT}=0"
+  elif thp != "madvise":
+    why = f"transparent huge pages: {thp or 'unknown'}"
+  else:  # THP on request but the restart did not ask: an older glibc, or not via `cm3leon`
+    why = f"{TUNABLE} not set; it needs glibc >= 2.35"
+  return (f"note: no huge pages for XLA's CPU buffers ({why}); train steps run ~1.25x slower "
+          "(cm3leon_jax/hugepages.py)")

@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Callable
 
+from cm3leon_jax import hugepages
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.paths import artifacts
 
@@ -95,6 +96,9 @@ def run(args, config, overrides: list[str] | None = None) -> int:
   start = time.time()
   print(f"cm3leon quickstart: {len(todo)} stages, preset {config.name}, workdir {root}",
         flush=True)
+  note = hugepages.slow_memory_note()
+  if note:  # the quickstart preset's 15-minute budget assumes them (configs/quickstart.py)
+    print(note, file=sys.stderr, flush=True)
   for i, stage in enumerate(todo, 1):
     outputs = stage.outputs(config)
     recorded = state["done"].get(stage.name)

@@ -73,3 +73,21 @@ def test_the_restarted_process_has_the_tunable_and_the_same_arguments_once():
 
 def test_opting_out_leaves_the_environment_alone():
   assert _probe({"CM3LEON_HUGEPAGES": "0"}) == "None ['arg1', '--flag=2']"
+
+
+def test_active_means_thp_always_or_the_tunable_under_madvise():
+  assert hugepages.active({}, "always")
+  assert hugepages.active({"GLIBC_TUNABLES": "a=1:glibc.malloc.hugetlb=1"}, "madvise")
+  assert not hugepages.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise")
+  assert not hugepages.active({}, "madvise")
+  assert not hugepages.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "never")
+
+
+def test_a_note_names_why_huge_pages_are_off_and_nothing_when_on():
+  on = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert hugepages.slow_memory_note(on, LINUX, "madvise") is None
+  assert hugepages.slow_memory_note({}, "Darwin", None) is None
+  assert "CM3LEON_HUGEPAGES=0" in hugepages.slow_memory_note({"CM3LEON_HUGEPAGES": "0"}, LINUX,
+                                                             "madvise")
+  assert "transparent huge pages: never" in hugepages.slow_memory_note({}, LINUX, "never")
+  assert "glibc.malloc.hugetlb not set" in hugepages.slow_memory_note({}, LINUX, "madvise")

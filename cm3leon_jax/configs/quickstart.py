@@ -7,10 +7,10 @@ codebook); a 512-entry byte-level BPE text tokenizer; a small dual encoder (conv
 negatives); a 4-layer d=128 decoder with image-position embeddings trained 7000 steps of
 4 x 384-token retrieval-augmented CM3 sequences. Budget: the whole run within 15 minutes on
 2 CPU cores (measured on a 2-core AMD EPYC with huge pages, cm3leon_jax/hugepages.py:
-12.9 min with 7,000 steps, 14.0 min with 7,600, 13.8 with 8,000; without huge pages 13.0 min
-with 5,600 steps; the decoder ~9 min of it; a slower machine, or one whose kernel has
-transparent huge pages off, can go past 15: `--config.train.steps=3500` halves the decoder
-at the cost of the shapes);
+12.9 min with 7,000 steps, 14.0 min with 7,600, 13.8 with 8,000; without huge pages 15.5 min
+with 7,000 steps and 13.0 min with 5,600; the decoder ~9 min of it; a slower machine, or one
+whose kernel has transparent huge pages off, goes past 15: `--config.train.steps=5600` there,
+`--config.train.steps=3500` halves the decoder at the cost of the shapes);
 `<workdir>/report.md` lists the wall time of every stage and the scores.
 
 Instruction tuning afterwards (not a quickstart stage: the 15-minute budget):
