@@ -3,13 +3,14 @@ with glibc's `glibc.malloc.hugetlb=1` tunable.
 
 Why: XLA on the CPU gets fresh host memory for every step's temporaries and outputs (strace:
 one ~110 MB mmap and munmap per quickstart train step), and the kernel maps each 4 KiB page
-on first touch. On the quickstart decoder (d=128, batch 4 x 384)
-that was ~28,000 page faults and ~45 ms of kernel time per 86 ms train step (`/usr/bin/time
--v`: 2.8M minor faults over ~100 steps). With `glibc.malloc.hugetlb=1` (glibc >= 2.35),
+on first touch. On the quickstart decoder (d=128, batch 4 x 384) that was ~28,000 page
+faults and ~45 ms of kernel CPU time (both threads) per 86 ms train step (`/usr/bin/time -v`:
+2.8M minor faults over ~100 steps). With `glibc.malloc.hugetlb=1` (glibc >= 2.35),
 malloc asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`), which the kernel maps
 2 MiB at a time: 0.21M faults, and on this project's 2-core AMD EPYC (Debian 12, glibc 2.36,
 THP mode `madvise`) the quickstart train step went 0.085 -> 0.064-0.077 s and the `bench`
-preset's 4.19 -> 3.64 s (experiments/bench/train_step.py, same machine, back to back).
+preset's 4.19 -> 3.64 s and 4.78 -> 4.00 s (experiments/bench/train_step.py, same machine,
+back to back).
 
 The tunable is read when the process starts, so it cannot be switched on from inside Python:
 `main()` re-executes the same command line once with it set. Nothing happens where it cannot
