@@ -114,13 +114,14 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 50
   c.workdir = "outputs/quickstart"
   # 7,000 steps (~0.073 s/step with huge pages, cm3leon_jax/hugepages.py: ~9 min; 0.089 s
-  # without; 7,600 steps made the whole run 14.0 min, too close to 15). Shape is the last attribute the decoder learns, and never-seen colour-shape
-  # pairs need the most steps: the binding probe's shape row (true caption's image NLL lowest
-  # among the shape swaps) was 44% at 2,800 steps (the old encoder), 60% at 4,200 and 81% at
-  # 5,600 (fresh runs); text-to-image all-attributes on seen / never-seen pairs, 64 prompts
-  # each: 2,800 steps 53.1% / 10.9% (old encoder), 4,200: 54.7% / 12.5%, 5,600: 79.7% / 34.4%
-  # and (2026-11-28) 84.4% / 31.2%, 8,000: 95.3% / 54.7%; 5,600 then 5,600 more (a second
-  # warm-up and decay, 11,200 in all): 84.4% / 60.9% (issue 9 note).
+  # without; 7,600 steps made the whole run 14.0 min, too close to 15). Shape is the last
+  # attribute the decoder learns, and never-seen colour-shape pairs need the most steps: the
+  # binding probe's shape row (true caption's image NLL lowest among the shape swaps) was 44%
+  # at 2,800 steps (the old encoder), 60% at 4,200 and 81% at 5,600 (fresh runs);
+  # text-to-image all-attributes on seen / never-seen pairs, 64 prompts each: 2,800 steps
+  # 53.1% / 10.9% (old encoder), 4,200: 54.7% / 12.5%, 5,600: 79.7% / 34.4% and (2026-11-28)
+  # 84.4% / 31.2%, 7,000: 89.1% / 42.2%, 8,000: 95.3% / 54.7%; 5,600 then 5,600 more (a
+  # second warm-up and decay, 11,200 in all): 84.4% / 60.9% (issue 9 note).
   c.train.steps = 7000
   c.train.batch_size = 4
   c.train.log_every = 100
