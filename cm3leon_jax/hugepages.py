@@ -53,10 +53,19 @@ def glibc_version() -> tuple[int, ...] | None:
     return None
 
 
+def tunable_setting(environ: Mapping[str, str]) -> str | None:
+  """The value GLIBC_TUNABLES gives glibc.malloc.hugetlb ("name=value:name=value"), or None."""
+  for item in environ.get("GLIBC_TUNABLES", "").split(":"):
+    name, _, value = item.partition("=")
+    if name == TUNABLE:
+      return value
+  return None
+
+
 def should_reexec(environ: Mapping[str, str], system: str, glibc: tuple[int, ...] | None,
                   thp: str | None) -> bool:
   """Whether restarting with the tunable would change how this process gets memory."""
-  if environ.get(OPT_OUT, "1") == "0" or TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+  if environ.get(OPT_OUT, "1") == "0" or tunable_setting(environ) is not None:
     return False
   return system == "Linux" and glibc is not None and glibc >= MIN_GLIBC and thp == "madvise"
 
@@ -87,8 +96,7 @@ def reexec_with_hugepages(orig_argv: Sequence[str] | None = None) -> None:
 
 def active(environ: Mapping[str, str], thp: str | None) -> bool:
   """Whether this process's malloc gets transparent huge pages."""
-  tunables = environ.get("GLIBC_TUNABLES", "").split(":")
-  return thp == "always" or (thp == "madvise" and f"{TUNABLE}=1" in tunables)
+  return thp == "always" or (thp == "madvise" and tunable_setting(environ) == "1")
 
 
 def slow_memory_note(environ: Mapping[str, str] | None = None, system: str | None = None,
