@@ -98,3 +98,26 @@ def test_the_datasets_own_captions_have_full_recall():
 def test_caption_recall_length_mismatch_is_an_error():
   with pytest.raises(InputError, match="2 captions but 1 scenes"):
     attributes.caption_recall(["a", "b"], [TWO])
+
+
+def test_wilson_interval_of_half_of_32_is_symmetric_about_one_half():
+  # p = 0.5, z^2 / n = 3.8416 / 32: centre 0.5, half-width 1.96 * sqrt(0.25 / 32 + 3.8416 /
+  # 4096) / 1.12005 = 0.16369.
+  lo, hi = attributes.wilson_interval(16, 32)
+  assert lo == pytest.approx(0.33631, abs=1e-5)
+  assert hi == pytest.approx(0.66369, abs=1e-5)
+
+
+def test_wilson_interval_at_zero_successes_starts_at_zero_and_is_not_empty():
+  # k = 0: the interval is [0, (z^2 / n) / (1 + z^2 / n)] = [0, 0.38416 / 1.38416].
+  lo, hi = attributes.wilson_interval(0, 10)
+  assert lo == 0.0
+  assert hi == pytest.approx(0.27754, abs=1e-5)
+  assert attributes.wilson_interval(10, 10)[1] == 1.0
+
+
+def test_wilson_interval_rejects_no_trials_and_impossible_counts():
+  with pytest.raises(InputError, match="n = 0"):
+    attributes.wilson_interval(0, 0)
+  with pytest.raises(InputError, match="5 successes out of 4"):
+    attributes.wilson_interval(5, 4)

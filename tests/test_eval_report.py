@@ -104,6 +104,17 @@ def test_seen_pairs_columns_sit_between_the_heldout_ones_and_chance():
   assert "75.0% on unseen colour-shape pairs, 50.0% on unseen scenes of seen pairs" in md
 
 
+def test_headline_gives_each_accuracy_its_95_percent_interval_and_prompt_count():
+  metrics = _metrics()
+  seen = {"all": 0.5, "colour": 1.0, "shape": 0.5, "size": 1.0, "position": 0.75, "count": 1.0}
+  metrics["text_to_image"]["seen_pairs"] = {"split": "eval", "num_prompts": 4, "accuracy": seen,
+                                            "accuracy_candidates": seen}
+  md = report.markdown(metrics)
+  # Wilson, z = 1.96: 3 of 4 -> [0.3006, 0.9544]; 2 of 4 -> [0.1500, 0.8500].
+  assert "95% intervals 30.1-95.4% and 15.0-85.0% over 4 prompts and 4)" in md
+  assert "One prompt is 25.0 points: the 95% (Wilson) interval of **all** is 30.1-95.4%" in md
+
+
 def test_ceilings_table_puts_each_split_beside_its_pool_and_vq_ceiling():
   metrics = _metrics()
   t2i = metrics["text_to_image"]

@@ -7,6 +7,7 @@
                                              #  no extra object)
     chance(num_objects=1)                    # a uniform random guess, from shapes.py's
                                              #  cardinalities
+    wilson_interval(successes, n)            # 95% interval of an accuracy over n prompts
 
 Image accuracy is the analyzer's `score_scene` (every attribute and the exact cell of every
 object; 'all' = exact match). Caption recall reads a caption with the analyzer's prompt parser
@@ -47,6 +48,24 @@ def chance_for_scenes(scenes: Sequence[shapes.Scene]) -> dict[str, float]:
   out = chance(1)
   out["all"] = float(np.mean([chance(len(s.objects))["all"] for s in scenes]))
   return out
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+  """Wilson score interval (95% at z = 1.96) of a success rate seen as `successes` of `n`.
+
+  Why: the text-to-image scores are fractions of 32-64 prompts, where one prompt is 1.6-3.1
+  points and runs of one recipe differ by 10-20 points; the interval says how much of a gap
+  sampling alone explains. Wilson's, not the normal approximation: it stays inside [0, 1] and
+  is not empty at 0 or n successes.
+  """
+  if n <= 0:
+    raise InputError(f"wilson_interval: n = {n}, must be positive")
+  if not 0 <= successes <= n:
+    raise InputError(f"wilson_interval: {successes} successes out of {n}")
+  p, z2 = successes / n, z * z
+  centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+  half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+  return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def image_accuracy(images_NHW3, scenes: Sequence[shapes.Scene]) -> dict[str, float]:
