@@ -16,7 +16,7 @@ whose kernel has transparent huge pages off, goes past 15: `--config.train.steps
 
 Instruction tuning afterwards (not a quickstart stage: the 15-minute budget):
 
-    python -m cm3leon_jax sft --config quickstart    # 2.6 min: 9 tasks x 2,000 records, 1,500 steps
+    python -m cm3leon_jax sft --config quickstart    # ~2 min: 9 tasks x 2,000 records, 1,500 steps
     python -m cm3leon_jax eval --config quickstart --suite vqa --decoder outputs/quickstart/sft
 """
 
@@ -103,6 +103,7 @@ def get_config(arg=None):
   #   4 x 128 (the previous preset)   42.2% / 89.1%   a random candidate right: 15% / 53%
   #   6 x 96, train seed 0            68.8% / 87.5%                                35% / 62%
   #   6 x 96, train seed 1            89.1% / 93.8%                                64% / 79%
+  #   6 x 96, train seed 2            78.1% / 93.8%                                47% / 71%
   #   8 x 96 (0.097 s per step)       62.5% / 89.1%                                33% / 63%
   c.model.num_layers = 6
   c.model.d_model = 96
@@ -144,7 +145,9 @@ def get_config(arg=None):
   # prior = the most frequent answer): VQA 0% before SFT (it answers with a caption), 59.4%
   # after these 1,500 steps (prior 34.4%); with the pretraining documents mixed in as a tenth
   # task (pretrain_weight 1) 56.2%. Text-to-image after SFT 71.9% / 25.0% (seen / never-seen
-  # pairs, 32 prompts; before: 78.1% / 37.5%; with pretrain_weight 1: 71.9% / 43.8%).
+  # pairs, 32 prompts; before: 78.1% / 37.5%; with pretrain_weight 1: 71.9% / 43.8%). On the
+  # 6 x 96 decoder (2026-11-28): 111 s, VQA 43.8%, text-to-image 62.5% / 37.5% (before: 84.4%
+  # / 56.2%, 16 candidates).
   c.sft.records_per_task = 2000
   c.sft.eval_records_per_task = 32
   c.sft.steps = 1500
