@@ -93,23 +93,23 @@ def test_markdown_tables_show_accuracy_beside_chance_and_the_wall_times():
   assert "| **total** | **42.0** |" in md
 
 
-def test_seen_pairs_columns_sit_between_the_heldout_ones_and_chance():
+def _with_seen_pairs():
   metrics = _metrics()
   seen = {"all": 0.5, "colour": 1.0, "shape": 0.5, "size": 1.0, "position": 0.75, "count": 1.0}
   metrics["text_to_image"]["seen_pairs"] = {"split": "eval", "num_prompts": 4, "accuracy": seen,
                                             "accuracy_candidates": seen}
-  md = report.markdown(metrics)
+  return metrics
+
+
+def test_seen_pairs_columns_sit_between_the_heldout_ones_and_chance():
+  md = report.markdown(_with_seen_pairs())
   assert "| **all** | 75.0% | 75.0% | 50.0% | 50.0% | 0.1% |" in md
   assert "a right candidate in the pool" not in md  # metrics without the ceilings
   assert "75.0% on unseen colour-shape pairs, 50.0% on unseen scenes of seen pairs" in md
 
 
 def test_headline_gives_each_accuracy_its_95_percent_interval_and_prompt_count():
-  metrics = _metrics()
-  seen = {"all": 0.5, "colour": 1.0, "shape": 0.5, "size": 1.0, "position": 0.75, "count": 1.0}
-  metrics["text_to_image"]["seen_pairs"] = {"split": "eval", "num_prompts": 4, "accuracy": seen,
-                                            "accuracy_candidates": seen}
-  md = report.markdown(metrics)
+  md = report.markdown(_with_seen_pairs())
   # Wilson, z = 1.96: 3 of 4 -> [0.3006, 0.9544]; 2 of 4 -> [0.1500, 0.8500].
   assert "95% intervals 30.1-95.4% and 15.0-85.0% over 4 prompts and 4)" in md
   assert "One prompt is 25.0 points: the 95% (Wilson) interval of **all** is 30.1-95.4%" in md
