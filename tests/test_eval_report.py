@@ -91,6 +91,7 @@ def test_markdown_tables_show_accuracy_beside_chance_and_the_wall_times():
   assert "| quickstart: data | 10.0 |" in md
   assert report.QUICKSTART_EVAL_STAGE not in md  # replaced by the eval's own stages
   assert "| **total** | **42.0** |" in md
+  assert "(chance 0.1%; 95% interval 30.1-95.4% over 4 prompts)" in md  # Wilson, 3 of 4
 
 
 def _with_seen_pairs():

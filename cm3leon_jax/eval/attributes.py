@@ -54,7 +54,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
   """Wilson score interval (95% at z = 1.96) of a success rate seen as `successes` of `n`.
 
   Why: the text-to-image scores are fractions of 32-64 prompts, where one prompt is 1.6-3.1
-  points and runs of one recipe differ by 10-20 points; the interval says how much of a gap
+  points and runs of one recipe differ by 10-30 points; the interval says how much of a gap
   sampling alone explains. Wilson's, not the normal approximation: it stays inside [0, 1] and
   is not empty at 0 or n successes.
   """

@@ -219,7 +219,7 @@ def markdown(metrics: dict, stage_seconds: dict[str, float] | None = None) -> st
                     f"on unseen colour-shape pairs"
                     + (f", {_pct(seen['accuracy']['all'])} on unseen scenes of seen pairs"
                        if seen else "")
-                    + f" (chance {_pct(t['chance']['all'])}; 95% intervals "
+                    + f" (chance {_pct(t['chance']['all'])}; 95% interval{'s' if seen else ''} "
                     + _interval(t["accuracy"]["all"], t["num_prompts"])
                     + (f" and {_interval(seen['accuracy']['all'], seen['num_prompts'])}"
                        if seen else "")
