@@ -135,6 +135,9 @@ def get_config(arg=None):
   # 53.1% / 10.9% (old encoder), 4,200: 54.7% / 12.5%, 5,600: 79.7% / 34.4% and (2026-11-28)
   # 84.4% / 31.2%, 7,000: 89.1% / 42.2%, 8,000: 95.3% / 54.7%; 5,600 then 5,600 more (a
   # second warm-up and decay, 11,200 in all): 84.4% / 60.9% (issue 9 note).
+  # The 6 x 96 decoder too: averaging its 5,600- and 7,000-step parameters lost 6-8 points on
+  # never-seen pairs in each of four runs (68.8 -> 60.9%, 89.1 -> 82.8%, 78.1 -> 70.3%, 59.4 ->
+  # 53.1%; issue 9 note, 2026-11-28): the last 1,400 steps still teach it shapes.
   c.train.steps = 7000
   c.train.batch_size = 4
   c.train.log_every = 100
