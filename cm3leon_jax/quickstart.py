@@ -85,6 +85,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="re-run these stages (names as printed) even if their output exists")
 
 
+def decoder_budget_overrides(config, state: dict) -> list[str]:
+  """`--config.train.time_budget_s=S` for the decoder stage: `quickstart.budget_s` less the
+  recorded seconds of the stages done so far (this call's and earlier ones'), so a slower
+  machine trains fewer steps instead of overrunning the budget (train/time_budget.py). Nothing
+  when there is no budget. At least 1 s: the trainer then stops after its calibration steps."""
+  budget = float(config.quickstart.get("budget_s", 0.0))
+  if budget <= 0:
+    return []
+  used = sum(seconds for name, seconds in state["done"].items() if name != "decoder")
+  left = max(budget - used, 1.0)
+  print(f"quickstart: {used:.0f} s of the {budget:.0f} s budget used; the decoder may take "
+        f"{left:.0f} s (its steps fitted to that, at most train.steps={config.train.steps}; "
+        "--config.quickstart.budget_s=0 trains them all)", flush=True)
+  return [f"--config.train.time_budget_s={left:.1f}"]
+
+
 def run(args, config, overrides: list[str] | None = None) -> int:
   from cm3leon_jax import cli
   overrides = list(overrides if overrides is not None else getattr(args, "overrides", []))
@@ -111,9 +127,11 @@ def run(args, config, overrides: list[str] | None = None) -> int:
       print(f"[{i}/{len(todo)}] {stage.name}: `cm3leon {stage.argv[0]}` is not built yet "
             f"({where}); quickstart stops here.", file=sys.stderr, flush=True)
       return cli.EXIT_NOT_BUILT
-    print(f"[{i}/{len(todo)}] {stage.name}: cm3leon {' '.join(stage.argv)}", flush=True)
+    extra = decoder_budget_overrides(config, state) if stage.name == "decoder" else []
+    print(f"[{i}/{len(todo)}] {stage.name}: cm3leon {' '.join([*stage.argv, *extra])}",
+          flush=True)
     t0 = time.time()
-    code = cli.main([*stage.argv, "--config", args.config, *overrides])
+    code = cli.main([*stage.argv, "--config", args.config, *overrides, *extra])
     if code != 0:
       print(f"quickstart: stage {stage.name!r} failed (exit {code}); fix it and re-run to "
             "resume from this stage.", file=sys.stderr)

@@ -135,6 +135,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.retrieval.num_shards = 1
 
   # Decoder (REFERENCE.md section 4).
+  # `cm3leon quickstart`: wall-clock seconds for all its stages (0: no limit). Only the decoder
+  # adapts: it gets what the stages before it left, less train.time_budget_reserve_steps
+  # step-times for the evaluation after it (train/time_budget.py).
+  c.quickstart = ml_collections.ConfigDict()
+  c.quickstart.budget_s = 0.0
+
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 24
   c.model.d_model = 1024
@@ -173,6 +179,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0
   c.train.steps = 100000
+  # Wall-clock seconds the run may take (train/time_budget.py): after 50 timed steps the run's
+  # length becomes the most steps that fit, at most train.steps; 0: exactly train.steps.
+  c.train.time_budget_s = 0.0
+  c.train.time_budget_reserve_steps = 0  # step-times kept back for what follows training
   c.train.batch_size = 2048  # sequences per optimizer step, global
   c.train.grad_accum = 1
   c.train.log_every = 10

@@ -90,6 +90,11 @@ def run(args, config) -> int:
   log(f"eval {args.suite}: loaded the decoder, tokenizers and retriever in {loaded:.1f} s")
   metrics, figures = run_suite(args.suite, config, generator, embedder, log=log)
   metrics["seconds"] = {"load": loaded, **metrics["seconds"]}
+  if not args.bundle:  # a run whose length was fitted to a time budget says so in the report
+    from cm3leon_jax.train import time_budget
+    fitted = time_budget.load(args.decoder or artifacts(config).decoder)
+    if fitted is not None:
+      metrics["time_budget"] = fitted
   written = report.write(out_dir, metrics, figures, report.quickstart_seconds(config.workdir))
   for line in report.markdown(metrics).splitlines():
     if line.startswith("Headline: "):

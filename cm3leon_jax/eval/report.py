@@ -209,6 +209,19 @@ def _seconds(metrics: dict, stage_seconds: dict[str, float]) -> list[str]:
   return ["## Wall time per stage", ""] + table(["stage", "seconds"], rows)
 
 
+def _time_budget(fitted: dict | None) -> list[str]:
+  """A decoder trained fewer steps than its preset's, to fit a time budget, says so first:
+  the scores above are of that shorter run."""
+  if not fitted or int(fitted["steps"]) >= int(fitted["configured_steps"]):
+    return []
+  return [f"**The decoder trained {int(fitted['steps']):,} of its preset's "
+          f"{int(fitted['configured_steps']):,} steps**: {float(fitted['step_s']):.3f} s per "
+          f"step on this machine, and its time budget ({float(fitted['budget_s']):.0f} s, what "
+          "`quickstart.budget_s` left after the stages before it) held no more. "
+          "To train them all, delete the workdir's `decoder/` and re-run the quickstart with "
+          "`--config.quickstart.budget_s=0`.", ""]
+
+
 def markdown(metrics: dict, stage_seconds: dict[str, float] | None = None) -> str:
   out = [f"# CM3Leon evaluation: suite `{metrics['suite']}`, preset `{metrics['preset']}`", ""]
   headline = []
@@ -234,6 +247,7 @@ def markdown(metrics: dict, stage_seconds: dict[str, float] | None = None) -> st
                     f"(prior {_pct(metrics['vqa']['prior'])})")
   if headline:
     out += ["Headline: " + "; ".join(headline) + ".", ""]
+  out += _time_budget(metrics.get("time_budget"))
   if "text_to_image" in metrics:
     out += _text_to_image(metrics["text_to_image"]) + ["![samples](samples.png)", ""]
   if "binding" in metrics:

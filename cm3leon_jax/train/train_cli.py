@@ -102,7 +102,10 @@ def run(args, config) -> int:
     last = result.history[-1] if result.history else {}
     summary = {k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()}
     paths = trainer.run_paths(config)
-    print(f"train: step {result.step}/{config.train.steps}"
+    fitted = (f" (time budget {float(config.train.time_budget_s):.0f} s: "
+              f"{result.total_steps} of train.steps={config.train.steps})"
+              if result.total_steps < int(config.train.steps) else "")
+    print(f"train: step {result.step}/{result.total_steps}{fitted}"
           + (" (preempted)" if result.preempted else "") + f" {json.dumps(summary)}")
     print(f"checkpoints: {paths['checkpoints']}  metrics: {paths['metrics']}")
   return 0

@@ -16,6 +16,7 @@ step where a preemption is noticed; a rerun resumes from the latest one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -31,7 +32,8 @@ from flax import nnx
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.model.decoder import DecoderConfig
 from cm3leon_jax.paths import artifacts
-from cm3leon_jax.train import flops
+from cm3leon_jax import configs
+from cm3leon_jax.train import flops, time_budget
 from cm3leon_jax.train.checkpoint import Checkpointer
 from cm3leon_jax.train.mesh import global_batch, make_mesh
 from cm3leon_jax.train.state import TrainState, abstract_train_state, init_train_state
@@ -47,6 +49,7 @@ class TrainResult:
   step: int                   # optimizer steps done
   history: list[dict]         # the logged metric records
   preempted: bool = False
+  total_steps: int = 0        # the run's length: train.steps, or what fit the time budget
 
 
 def run_paths(config, run_dir: str | None = None) -> dict:
@@ -152,6 +155,40 @@ def pretrained_state(config, mesh, directory: str):
   return TrainState(abstract.graphdef, state, abstract.shardings)
 
 
+def with_steps(config, steps: int):
+  """A copy of `config` with `train.steps` = steps."""
+  c = copy.deepcopy(config)
+  configs.apply_override(c, f"train.steps={int(steps)}")
+  return c
+
+
+def _fit_to_budget(config, budget_s: float, t_call: float, timed_from: tuple[float, int],
+                   step: int, compile_s: float, run_dir: str) -> dict:
+  """Decide the run's length from the steps timed since compilation (time_budget.py); every
+  process takes process 0's decision; process 0 records it."""
+  now = time.perf_counter()
+  step_s = (now - timed_from[0]) / (step - timed_from[1])
+  reserve = int(config.train.get("time_budget_reserve_steps", 0))
+  configured = int(config.train.steps)
+  # A shorter run compiles its step again (and the held-out loss's): keep that time back too.
+  steps = time_budget.affordable_steps(step, now - t_call, step_s, budget_s, reserve,
+                                       extra_s=compile_s)
+  steps = min(steps, configured)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    steps = int(multihost_utils.broadcast_one_to_all(jnp.int32(steps)))
+  record = dict(steps=steps, configured_steps=configured, budget_s=budget_s,
+                step_s=round(step_s, 5), elapsed_s=round(now - t_call, 2), at_step=step,
+                reserve_steps=reserve)
+  if jax.process_index() == 0:
+    time_budget.save(run_dir, record)
+  if steps < configured:
+    log.warning("time budget %.0f s: %d of %d steps fit (%.3f s per step, %.0f s used); the "
+                "schedule now decays over %d steps", budget_s, steps, configured, step_s,
+                now - t_call, steps)
+  return record
+
+
 def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
           resume: bool = True, progress: bool = True,
           eval_batches: Sequence[dict] = (), run_dir: str | None = None,
@@ -163,18 +200,26 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   `init_from`: a checkpoint directory whose latest parameters start the run when it has no
   checkpoint of its own to resume (the optimizer starts fresh): fine-tuning (`cm3leon sft`);
   with `eval_batches` the held-out loss is also recorded at step 0, before any update.
+  `train.time_budget_s` > 0 fits the run's length (at most `train.steps`) to that many seconds
+  from this call on (time_budget.py); the length decided is in `<run_dir>/time_budget.json`.
   """
+  t_call = time.perf_counter()
+  budget_s = time_budget.check(config)
   # --- Set up mesh -------------------------------------------------------------------------
   mesh = make_mesh(config.mesh)
   check_accumulation(config, mesh)
   cfg = DecoderConfig.from_config(config)
   local_batch = config.train.batch_size // jax.process_count()
   paths = run_paths(config, run_dir)
-  total_steps = int(config.train.steps)
 
   # --- Load checkpoint or initialise -----------------------------------------------------
   ckpt = Checkpointer(paths["checkpoints"], config)
   start = ckpt.latest_step() if resume else None
+  # A resumed run keeps the length an earlier call fitted to the budget (and its schedule).
+  fitted = time_budget.load(paths["root"]) if budget_s > 0 and start is not None else None
+  if fitted is not None:
+    config = ckpt.config = with_steps(config, int(fitted["steps"]))
+  total_steps = int(config.train.steps)
   if start is not None:
     abstract = abstract_train_state(config, mesh)
     restorable = data_iter if hasattr(data_iter, "get_state") else None
@@ -205,6 +250,7 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   # --- Train loop --------------------------------------------------------------------------
   history, state, step, preempted = [], ts.state, start, False
   last_time, last_step, compile_s = time.perf_counter(), start, None
+  timed_from = None  # (time, step) once the first (compiling) step is done
   # Only Grain iterators can be checkpointed; others (plain generators) restart on resume.
   saved_iter = data_iter if hasattr(data_iter, "get_state") else None
   with jax.set_mesh(mesh):
@@ -224,6 +270,22 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
         jax.block_until_ready(metrics)
         compile_s = time.perf_counter() - last_time
         last_time, last_step = time.perf_counter(), step
+        timed_from = (last_time, step)
+      if (budget_s > 0 and fitted is None
+          and step - timed_from[1] == time_budget.CALIBRATION_STEPS):
+        jax.block_until_ready(metrics)
+        fitted = _fit_to_budget(config, budget_s, t_call, timed_from, step, compile_s,
+                                paths["root"])
+        if fitted["steps"] < total_steps:
+          total_steps = int(fitted["steps"])
+          config = ckpt.config = with_steps(config, total_steps)  # saved with checkpoints
+          # The schedule is part of the optimizer (graphdef) and of the compiled step.
+          ts = TrainState(abstract_train_state(config, mesh).graphdef, state, ts.shardings)
+          step_fn = make_train_step(config, ts, mesh)
+          eval_fn = make_eval_step(config, ts, mesh) if eval_batches else None
+          end = min(end, total_steps)
+          bar.total = end
+          bar.refresh()
       evaluate = eval_fn is not None and (step == end or (eval_every > 0
                                                         and step % eval_every == 0))
       if step % log_every == 0 or step == end or evaluate:
@@ -257,4 +319,5 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   writer.close()
   if history:
     log.info("peak FLOP/s per device: %s (%s)", peak, peak_source)
-  return TrainResult(TrainState(ts.graphdef, state, ts.shardings), step, history, preempted)
+  return TrainResult(TrainState(ts.graphdef, state, ts.shardings), step, history, preempted,
+                     total_steps)

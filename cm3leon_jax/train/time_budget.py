@@ -1,0 +1,81 @@
+"""Fit a run's step count to a wall-clock budget (`train.time_budget_s`).
+
+Why: the quickstart promises its whole recipe within 15 minutes on a 2-core CPU, but 2-core
+machines differ by 2x and more in what a decoder step costs (0.072 s on the 2-core AMD EPYC the
+preset was tuned on, 0.15-0.19 s on a 2-core KVM Xeon; experiments/bench/train_step.py). A fixed
+step count either overruns the budget on a slow machine or wastes it on a fast one.
+
+How: the trainer times `CALIBRATION_STEPS` steps after compilation, then fixes the run's length
+to the most steps that fit what is left of the budget, never more than `train.steps`. Time is
+kept back for `train.time_budget_reserve_steps` step-times after training (what follows it:
+the quickstart's evaluation costs ~750 decoder steps on either machine) and for one more
+compilation when the length changes (the learning-rate schedule is part of the compiled step).
+The decided length is written to `<run dir>/time_budget.json` before training goes on, so a
+resumed run keeps the same schedule instead of calibrating again.
+
+Only the decay of the schedule depends on the length; the first `CALIBRATION_STEPS` + 1 steps
+run under the schedule of `train.steps`. Warm-up is the same in both, so where it is at least
+that long (the quickstart's: 50 steps) the fitted run's learning rates are exactly those of a
+run of that length from the start; a shorter warm-up leaves a few steps of barely begun decay.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from cm3leon_jax.errors import InputError
+
+FILE = "time_budget.json"
+CALIBRATION_STEPS = 50
+MARGIN = 1.05  # step times drift by a few per cent over a run (evaluations, checkpoints, load)
+
+
+def check(config) -> float:
+  """`train.time_budget_s` (0: off) after checking it and its reserve."""
+  budget = float(config.train.get("time_budget_s", 0.0))
+  reserve = int(config.train.get("time_budget_reserve_steps", 0))
+  if budget < 0 or not math.isfinite(budget):
+    raise InputError(f"--config.train.time_budget_s={budget}: expected seconds >= 0 (0: off)")
+  if reserve < 0:
+    raise InputError(f"--config.train.time_budget_reserve_steps={reserve}: must be >= 0")
+  return budget
+
+
+def affordable_steps(step: int, elapsed_s: float, step_s: float, budget_s: float,
+                     reserve_steps: int = 0, extra_s: float = 0.0,
+                     margin: float = MARGIN) -> int:
+  """The total steps a run can reach: `step` done after `elapsed_s`, each further step
+  `step_s * margin`, and `reserve_steps * step_s + extra_s` kept back from `budget_s`.
+  Never fewer than `step` (what is done is done)."""
+  if step_s <= 0:
+    raise ValueError(f"step_s={step_s}: must be > 0")
+  left = budget_s - elapsed_s - reserve_steps * step_s - extra_s
+  return step + max(math.floor(left / (step_s * margin)), 0)
+
+
+def load(run_dir: str) -> dict | None:
+  """The decision recorded by an earlier call of this run, or None."""
+  path = os.path.join(run_dir, FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    steps = int(record["steps"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise InputError(f"{path}: not a time-budget record ({e}); delete it to calibrate again "
+                     "(the run's checkpoints stay)") from None
+  if steps < 1:
+    raise InputError(f"{path}: steps={steps}; delete it to calibrate again")
+  return record
+
+
+def save(run_dir: str, record: dict) -> None:
+  os.makedirs(run_dir, exist_ok=True)
+  path = os.path.join(run_dir, FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=1)
+  os.replace(tmp, path)  # a crash leaves the old record or the new one, never half of one
