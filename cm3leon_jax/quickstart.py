@@ -26,6 +26,7 @@ from typing import Callable
 from cm3leon_jax import hugepages
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.paths import artifacts
+from cm3leon_jax.train import time_budget
 
 STATE_FILE = "quickstart.json"
 
@@ -142,6 +143,12 @@ def run(args, config, overrides: list[str] | None = None) -> int:
   state["total_seconds_last_run"] = total
   _save_state(state_path, state)
   print(f"quickstart finished in {total / 60:.1f} min; report: {os.path.join(root, 'report.md')}")
+  fitted = time_budget.load(artifacts(config).decoder) if config.quickstart.budget_s > 0 else None
+  if fitted and int(fitted["steps"]) < int(fitted["configured_steps"]):
+    print(f"note: the time budget held {fitted['steps']} of the decoder's "
+          f"{fitted['configured_steps']} steps on this machine ({fitted['step_s']:.3f} s per step)"
+          "; delete its decoder/ and re-run with --config.quickstart.budget_s=0 for the full "
+          "recipe", flush=True)
   preset = shlex.join(["--config", args.config, *overrides])
   print(f"next: cm3leon generate {preset} --prompt \"a small red circle at the top left\"  |  "
         f"cm3leon sft {preset}  |  cm3leon export {preset} (an inference bundle)")

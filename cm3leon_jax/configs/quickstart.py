@@ -9,9 +9,10 @@ negatives); a 6-layer d=96 decoder with image-position embeddings trained 7000 s
 2 CPU cores (measured on a 2-core AMD EPYC with huge pages, cm3leon_jax/hugepages.py:
 13.2 min with 7,000 steps; the earlier 4 x 128 decoder, same step time: 12.9 min with 7,000
 steps, 14.0 min with 7,600, 13.8 with 8,000, without huge pages 15.5 min with 7,000 steps and
-13.0 min with 5,600; the decoder ~9 min of it; a slower machine, or one
-whose kernel has transparent huge pages off, goes past 15: `--config.train.steps=5600` there,
-`--config.train.steps=3500` halves the decoder at the cost of the shapes);
+13.0 min with 5,600; the decoder ~9 min of it). On a slower machine the decoder trains fewer
+steps, as many as fit what the stages before it left of `quickstart.budget_s` (train/
+time_budget.py; a 2-core KVM Xeon, 2026-11-28, had time for 1,474 of them), and the
+report says so; `--config.quickstart.budget_s=0` trains all 7,000 whatever the time.
 `<workdir>/report.md` lists the wall time of every stage and the scores.
 
 Instruction tuning afterwards (not a quickstart stage: the 15-minute budget):
