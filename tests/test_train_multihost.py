@@ -113,3 +113,39 @@ def test_two_processes_export_one_bundle_that_one_process_loads(tmp_path):
   ckpt.close()
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_two_processes_take_process_0s_time_budget(tmp_path):
+  """`train.time_budget_s`: the run's length is process 0's decision on every process. Here
+  process 0's budget is spent (its run ends at the calibration's step 51) while process 1's
+  would allow all 1,000 steps; both must stop at 51 together, or the collectives would hang."""
+  workdir = str(tmp_path / "run")
+  write_project_data(workdir)
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  args = [sys.executable, "-m", "cm3leon_jax", "train", "--config", "tiny",
+          f"--config.workdir={workdir}", *OVERRIDES, "--config.train.steps=1000",
+          "--config.train.checkpoint_every=1000", "--config.train.log_every=50",
+          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.num_slices=2",
+          "--no-progress", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+  procs = [subprocess.Popen(args + [f"--config.train.time_budget_s={budget}", "--process-id",
+                                    str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for i, budget in enumerate((1, 3600))]
+  try:
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert "train: step 51/51 (time budget 1 s: 51 of train.steps=1000)" in outputs[0]
+  with open(os.path.join(workdir, "decoder", "time_budget.json")) as f:
+    assert json.load(f)["steps"] == 51
+  config = configs.load("tiny", [f"workdir={workdir}", *(o[9:] for o in OVERRIDES),
+                                 "train.steps=51"])
+  ckpt = Checkpointer(os.path.join(workdir, "decoder", "checkpoints"), config)
+  assert ckpt.all_steps() == [51]
+  ckpt.close()
