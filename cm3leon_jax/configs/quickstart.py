@@ -145,6 +145,10 @@ def get_config(arg=None):
   # times for the evaluation (51 s at 0.072 s per step on the EPYC, 96 s at 0.15 s on a 2-core
   # KVM Xeon); at most the 7,000 steps above (train/time_budget.py). The Xeon (2026-11-28,
   # float32 peak ~200 GFLOP/s against the EPYC's ~460) took 31.9 min with all 7,000 steps.
+  # On that Xeon a shallower decoder used a short budget better (423 s each, same upstream
+  # artifacts, 64 + 64 prompts, never-seen / seen; issue 9 note, 2026-11-29): 6 layers 1,720
+  # steps 25.0 / 45.3%; 5 layers 1,912: 25.0 / 40.6%; 4 layers 2,634: 32.8 / 81.2% and (seed 1)
+  # 2,255: 40.6 / 71.9%. Not switched automatically: the depth stays the preset's.
   c.quickstart.budget_s = 870.0
   c.train.time_budget_reserve_steps = 750
   c.train.batch_size = 4
