@@ -30,9 +30,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(args: list[str], env: dict) -> list[str]:
-  """Run `args --process-id i` for i = 0, 1 side by side; both must exit 0. Their outputs."""
-  procs = [subprocess.Popen(args + ["--process-id", str(i)], env=env, cwd=ROOT,
+def run_two_processes(args: list[str], env: dict,
+                      extra: tuple[list[str], list[str]] = ([], [])) -> list[str]:
+  """Run `args extra[i] --process-id i` for i = 0, 1 side by side; both must exit 0. Their
+  outputs."""
+  procs = [subprocess.Popen(args + extra[i] + ["--process-id", str(i)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   outputs = []
@@ -48,18 +50,23 @@ def run_two_processes(args: list[str], env: dict) -> list[str]:
   return outputs
 
 
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+           XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def train_args(workdir: str, port: int, *overrides: str) -> list[str]:
+  """`cm3leon train` of the tiny preset on two processes, the data axis across them."""
+  return [sys.executable, "-m", "cm3leon_jax", "train", "--config", "tiny",
+          f"--config.workdir={workdir}", *OVERRIDES, *overrides,
+          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.num_slices=2",
+          "--no-progress", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+
+
 @pytest.mark.slow
 def test_two_processes_train_and_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   write_project_data(workdir)
-  port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  args = [sys.executable, "-m", "cm3leon_jax", "train", "--config", "tiny",
-          f"--config.workdir={workdir}", *OVERRIDES, "--config.train.steps=3",
-          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.num_slices=2",
-          "--no-progress", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
-  outputs = run_two_processes(args, env)
+  outputs = run_two_processes(train_args(workdir, free_port(), "--config.train.steps=3"), ENV)
   assert "train: step 3/3" in outputs[0]  # process 0 reports; process 1 stays quiet
   assert "train: step" not in outputs[1]
 
@@ -97,12 +104,10 @@ def test_two_processes_export_one_bundle_that_one_process_loads(tmp_path):
     assert cli.main([argv[0], *common, *argv[1:]]) == 0, argv
   out = str(tmp_path / "bundle")
   port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
   args = [sys.executable, "-m", "cm3leon_jax", "export", *common, "--config.mesh.data=1",
           "--config.mesh.fsdp=-1", "--no-retrieval", "--out", out,
           "--coordinator", f"localhost:{port}", "--num-processes", "2"]
-  outputs = run_two_processes(args, env)
+  outputs = run_two_processes(args, ENV)
   assert "export: decoder step 2" in outputs[0] and "export:" not in outputs[1]
 
   export.verify(out, checksums=True)
@@ -122,25 +127,10 @@ def test_two_processes_take_process_0s_time_budget(tmp_path):
   would allow all 1,000 steps; both must stop at 51 together, or the collectives would hang."""
   workdir = str(tmp_path / "run")
   write_project_data(workdir)
-  port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  args = [sys.executable, "-m", "cm3leon_jax", "train", "--config", "tiny",
-          f"--config.workdir={workdir}", *OVERRIDES, "--config.train.steps=1000",
-          "--config.train.checkpoint_every=1000", "--config.train.log_every=50",
-          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.num_slices=2",
-          "--no-progress", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
-  procs = [subprocess.Popen(args + [f"--config.train.time_budget_s={budget}", "--process-id",
-                                    str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-           for i, budget in enumerate((1, 3600))]
-  try:
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  args = train_args(workdir, free_port(), "--config.train.steps=1000",
+                    "--config.train.checkpoint_every=1000", "--config.train.log_every=50")
+  outputs = run_two_processes(args, ENV, extra=(["--config.train.time_budget_s=1"],
+                                                ["--config.train.time_budget_s=3600"]))
   assert "train: step 51/51 (time budget 1 s: 51 of train.steps=1000)" in outputs[0]
   with open(os.path.join(workdir, "decoder", "time_budget.json")) as f:
     assert json.load(f)["steps"] == 51
