@@ -170,7 +170,7 @@ def export(config, out: str, *, decoder_dir: str | None = None, step: int | None
   from flax import nnx
   from jax.experimental import multihost_utils
 
-  from cm3leon_jax.train.checkpoint import Checkpointer
+  from cm3leon_jax.train.checkpoint import Checkpointer, adopt_budget_depth
   from cm3leon_jax.train.mesh import make_mesh
   from cm3leon_jax.train.state import abstract_model
 
@@ -201,6 +201,7 @@ def export(config, out: str, *, decoder_dir: str | None = None, step: int | None
     _require(paths.index, "memory-bank index", "index")
     _require(paths.tokens, "token documents (the memory bank)", "encode")
 
+  config = adopt_budget_depth(config, ckpt_dir, step)  # the bundle records the depth trained
   mesh = make_mesh(config.mesh)
   _, abstract = abstract_model(config, mesh)
   checkpointer = Checkpointer(ckpt_dir, config, async_save=False)

@@ -138,3 +138,107 @@ def test_report_says_when_the_decoder_was_cut_short():
   assert "--config.quickstart.budget_s=0" in lines[0]
   assert report._time_budget(dict(fitted, steps=7000)) == []
   assert report._time_budget(None) == []
+
+
+# --- depth for a short budget (train.time_budget_min_steps / _fallback_layers) ---------------
+
+@pytest.mark.parametrize("min_steps,layers,fitted,expected", [
+    (3000, 4, 2999, 4),      # fewer than min_steps fit: the fallback depth
+    (3000, 4, 3000, None),   # exactly min_steps fit: keep the configured 6 layers
+    (3000, 6, 100, None),    # the fallback is not shallower than the configured depth
+    (3000, 0, 100, None),    # off
+    (0, 4, 100, None)])      # off
+def test_fallback_layers_rule(min_steps, layers, fitted, expected):
+  config = configs.load("tiny", ["model.num_layers=6", f"train.time_budget_min_steps={min_steps}",
+                                 f"train.time_budget_fallback_layers={layers}"])
+  assert time_budget.fallback_layers(config, fitted) == expected
+
+
+@pytest.mark.parametrize("field", ["time_budget_min_steps", "time_budget_fallback_layers"])
+def test_bad_depth_fields_are_clear_errors(field):
+  config = configs.load("tiny", [f"train.{field}=-1"])
+  with pytest.raises(InputError, match=f"--config.train.{field}=-1"):
+    time_budget.check(config)
+
+
+DEPTH = ["--config.model.num_layers=2", "--config.train.time_budget_fallback_layers=1",
+         "--config.train.time_budget_min_steps=1000000", "--config.train.steps=1000",
+         "--config.train.time_budget_s=3600"]
+
+
+def saved_model_config(workdir):
+  from cm3leon_jax.train.checkpoint import Checkpointer
+  config = configs.load("tiny", [])
+  ckpt = Checkpointer(os.path.join(workdir, "decoder", "checkpoints"), config, async_save=False)
+  try:
+    saved = ckpt.saved_config(ckpt.latest_step())
+  finally:
+    ckpt.close()
+  return saved["model"]["num_layers"], saved["train"]["time_budget_depth_from"]
+
+
+def test_too_few_steps_start_again_shallower(tmp_path, monkeypatch, capsys):
+  """2 layers fit fewer than min_steps: the trainer starts afresh with 1 layer, calibrates it
+  (step 51 of the new run) and trains what fits (forced to 10 more steps); the record and the
+  checkpoint's config say which depth was trained instead of which."""
+  monkeypatch.setattr(time_budget, "affordable_steps", lambda step, *a, **k: step + 10)
+  assert train(tmp_path, *DEPTH) == 0
+  assert ("train: step 61/61 (time budget 3600 s: 61 of train.steps=1000) with 1 layers, not "
+          "model.num_layers=2" in capsys.readouterr().out)
+  record = time_budget.load(str(tmp_path / "decoder"))
+  assert (record["steps"], record["at_step"]) == (61, 51)
+  assert (record["num_layers"], record["configured_num_layers"]) == (1, 2)
+  assert saved_model_config(tmp_path) == (1, 2)
+  with open(tmp_path / "decoder" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  restart = [i for i, r in enumerate(records) if r.get("restarted_for_time_budget")]
+  assert len(restart) == 1 and records[restart[0]]["num_layers"] == 1
+  # the dropped 2-layer model's 51 logged steps, then the 1-layer run's 61 from step 1
+  assert [r["step"] for r in records[restart[0] + 1:]] == list(range(1, 62))
+
+
+def test_enough_steps_keep_the_configured_depth(tmp_path, monkeypatch):
+  monkeypatch.setattr(time_budget, "affordable_steps", lambda step, *a, **k: step + 10)
+  assert train(tmp_path, *DEPTH[:2], "--config.train.time_budget_min_steps=61",
+               *DEPTH[3:]) == 0
+  record = time_budget.load(str(tmp_path / "decoder"))
+  assert record["steps"] == 61 and "num_layers" not in record
+  assert saved_model_config(tmp_path) == (2, 0)
+
+
+def test_later_commands_load_the_depth_the_budget_chose(tmp_path, monkeypatch, capsys):
+  from cm3leon_jax.decode.api import restore_model
+  monkeypatch.setattr(time_budget, "affordable_steps", lambda step, *a, **k: step + 10)
+  assert train(tmp_path, *DEPTH) == 0
+  # A resumed train with the same (2-layer) config finds the 1-layer checkpoint finished.
+  assert train(tmp_path, *DEPTH) == 0
+  assert "train: step 61/61" in capsys.readouterr().out
+  # Loading for inference with the configured depth: the 1-layer decoder.
+  base = [o[len("--config."):] for o in TINY] + [f"workdir={tmp_path}"]
+  model = restore_model(configs.load("tiny", base + ["model.num_layers=2"]))
+  assert model.cfg.num_layers == 1
+  # A depth asked for by hand that is neither is the usual clear error.
+  with pytest.raises(InputError, match="model.num_layers: checkpoint 1, config 3"):
+    restore_model(configs.load("tiny", base + ["model.num_layers=3"]))
+
+
+def test_fine_tuning_starts_from_the_depth_the_budget_chose(tmp_path, monkeypatch):
+  from cm3leon_jax.train import trainer
+  from cm3leon_jax.train.synthetic import synthetic_dataset
+  monkeypatch.setattr(time_budget, "affordable_steps", lambda step, *a, **k: step + 10)
+  assert train(tmp_path, *DEPTH) == 0
+  config = configs.load("tiny", [o[len("--config."):] for o in TINY] + [
+      f"workdir={tmp_path}", "model.num_layers=2", "train.steps=3"])
+  result = trainer.train(config, iter(synthetic_dataset(config, config.train.batch_size)),
+                         progress=False, run_dir=str(tmp_path / "ft"),
+                         init_from=str(tmp_path / "decoder" / "checkpoints"))
+  assert (result.step, result.num_layers) == (3, 1)
+
+
+def test_report_says_when_the_decoder_is_shallower():
+  fitted = {"steps": 2634, "configured_steps": 7000, "budget_s": 423.0, "step_s": 0.123,
+            "num_layers": 4, "configured_num_layers": 6}
+  line = report._time_budget(fitted)[0]
+  assert line.startswith("**The decoder trained 2,634 of its preset's 7,000 steps, with 4 of "
+                         "its preset's 6 layers**: 0.123 s per step")
+  assert "fewer than `train.time_budget_min_steps` of the 6-layer decoder fit" in line

@@ -183,6 +183,15 @@ def base_config() -> ml_collections.ConfigDict:
   # length becomes the most steps that fit, at most train.steps; 0: exactly train.steps.
   c.train.time_budget_s = 0.0
   c.train.time_budget_reserve_steps = 0  # step-times kept back for what follows training
+  # Depth for a short budget: when the calibration finds that fewer than `min_steps` of this
+  # depth fit, the trainer starts afresh with `fallback_layers` layers (and calibrates again);
+  # 0 (either): never. The run then records `depth_from` = the configured depth in its
+  # checkpoints' config, and every command that loads the decoder (eval, generate, sft,
+  # export, a resumed train) takes the checkpoint's depth when its own config has that one
+  # (train/checkpoint.py adopt_budget_depth). `depth_from` is the trainer's to set, not yours.
+  c.train.time_budget_min_steps = 0
+  c.train.time_budget_fallback_layers = 0
+  c.train.time_budget_depth_from = 0
   c.train.batch_size = 2048  # sequences per optimizer step, global
   c.train.grad_accum = 1
   c.train.log_every = 10

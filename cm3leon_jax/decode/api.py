@@ -71,12 +71,13 @@ def restore_model(config, step: int | None = None, directory: str | None = None)
   from flax import nnx
 
   from cm3leon_jax.paths import artifacts
-  from cm3leon_jax.train.checkpoint import Checkpointer
+  from cm3leon_jax.train.checkpoint import Checkpointer, adopt_budget_depth
   from cm3leon_jax.train.mesh import make_mesh
   from cm3leon_jax.train.state import abstract_model
   directory = directory or os.path.join(artifacts(config).decoder, "checkpoints")
   if not os.path.isdir(directory):
     raise InputError(f"{directory}: no decoder checkpoints; run `cm3leon train` first")
+  config = adopt_budget_depth(config, directory, step)  # a time budget's shallower decoder
   graphdef, abstract = abstract_model(config, make_mesh(config.mesh))
   checkpointer = Checkpointer(directory, config, async_save=False)
   try:

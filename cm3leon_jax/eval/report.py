@@ -212,14 +212,21 @@ def _seconds(metrics: dict, stage_seconds: dict[str, float]) -> list[str]:
 def _time_budget(fitted: dict | None) -> list[str]:
   """A decoder trained fewer steps than its preset's, to fit a time budget, says so first:
   the scores above are of that shorter run."""
-  if not fitted or int(fitted["steps"]) >= int(fitted["configured_steps"]):
+  if not fitted:
     return []
+  shallower = "num_layers" in fitted and fitted["num_layers"] != fitted["configured_num_layers"]
+  if int(fitted["steps"]) >= int(fitted["configured_steps"]) and not shallower:
+    return []
+  depth = (f", with {int(fitted['num_layers'])} of its preset's "
+           f"{int(fitted['configured_num_layers'])} layers" if shallower else "")
+  why = (f" (fewer than `train.time_budget_min_steps` of the {int(fitted['configured_num_layers'])}"
+         "-layer decoder fit, so the trainer started again shallower)" if shallower else "")
   return [f"**The decoder trained {int(fitted['steps']):,} of its preset's "
-          f"{int(fitted['configured_steps']):,} steps**: {float(fitted['step_s']):.3f} s per "
-          f"step on this machine, and its time budget ({float(fitted['budget_s']):.0f} s, what "
-          "`quickstart.budget_s` left after the stages before it) held no more. "
-          "To train them all, delete the workdir's `decoder/` and re-run the quickstart with "
-          "`--config.quickstart.budget_s=0`.", ""]
+          f"{int(fitted['configured_steps']):,} steps{depth}**: {float(fitted['step_s']):.3f} s "
+          f"per step on this machine, and its time budget ({float(fitted['budget_s']):.0f} s, "
+          f"what `quickstart.budget_s` left after the stages before it) held no more{why}. "
+          "To train the preset's decoder in full, delete the workdir's `decoder/` and re-run the "
+          "quickstart with `--config.quickstart.budget_s=0`.", ""]
 
 
 def markdown(metrics: dict, stage_seconds: dict[str, float] | None = None) -> str:

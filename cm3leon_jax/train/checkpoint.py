@@ -18,6 +18,7 @@ The trainer saves and exits cleanly at that step either way.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -97,10 +98,14 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
+  def saved_config(self, step: int) -> dict:
+    """The config saved with `step` (JSON, as written by `save`)."""
+    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return saved["config"]
+
   def check_compatible(self, step: int) -> None:
     """InputError naming every state-shaping field that differs from the checkpoint's."""
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    saved_config = saved["config"]
+    saved_config = self.saved_config(step)
     current = state_signature(self.config)
     diffs = []
     for field, value in current.items():
@@ -176,6 +181,41 @@ class Checkpointer:
 
 SIGTERM_RECEIVED = threading.Event()
 _HANDLER_INSTALLED = [False]
+
+
+def adopt_budget_depth(config, directory: str, step: int | None = None):
+  """`config`, or a copy with the decoder depth of the checkpoint in `directory` (default: its
+  latest step) where the trainer chose that depth for a time budget in place of `config`'s
+  (train/time_budget.py: the saved `train.time_budget_depth_from` equals `config`'s
+  `model.num_layers`). So `cm3leon eval --config quickstart` loads the 4-layer decoder a slow
+  machine's quickstart trained, while a depth set by hand that differs from a checkpoint's is
+  still the clear "incompatible" error of `check_compatible`."""
+  if not os.path.isdir(directory):
+    return config
+  ckpt = Checkpointer(directory, config, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    saved = ckpt.saved_config(step) if step is not None and step in ckpt.all_steps() else None
+  finally:
+    ckpt.close()
+  if saved is None:
+    return config
+  layers, origin = _lookup(saved, "model.num_layers"), _lookup(saved, "train.time_budget_depth_from")
+  current = int(config.model.num_layers)
+  if not origin or layers is None or int(layers) == current or int(origin) != current:
+    return config
+  log.info("%s/%d: a %d-layer decoder (its time budget's choice in place of %d layers); "
+           "loading it so", directory, step, layers, origin)
+  return with_layers(config, int(layers), depth_from=int(origin))
+
+
+def with_layers(config, layers: int, depth_from: int):
+  """A copy of `config` with `layers` decoder layers, recorded as chosen in place of
+  `depth_from` (train.time_budget_depth_from)."""
+  c = copy.deepcopy(config)
+  c.model.num_layers = int(layers)
+  c.train.time_budget_depth_from = int(depth_from)
+  return c
 
 
 def _install_sigterm_handler() -> None:

@@ -13,6 +13,15 @@ compilation when the length changes (the learning-rate schedule is part of the c
 The decided length is written to `<run dir>/time_budget.json` before training goes on, so a
 resumed run keeps the same schedule instead of calibrating again.
 
+Depth (`train.time_budget_min_steps`, `train.time_budget_fallback_layers`): a budget may hold
+too few steps for the configured depth to learn what it must (the quickstart's 6-layer decoder
+needs thousands of steps for shapes; a 4-layer one, ~1.3x faster per step, did better in the
+same short budget, configs/quickstart.py). When fewer than `min_steps` fit, the trainer drops
+the calibrated model and starts afresh with `fallback_layers` layers, calibrating once more;
+the time the first calibration took is already spent, so the second fit counts it. The record
+then holds `num_layers` and `configured_num_layers`, and the checkpoints' config
+`train.time_budget_depth_from`, which is how later commands find the depth (checkpoint.py).
+
 Only the decay of the schedule depends on the length; the first `CALIBRATION_STEPS` + 1 steps
 run under the schedule of `train.steps`. Warm-up is the same in both, so where it is at least
 that long (the quickstart's: 50 steps) the fitted run's learning rates are exactly those of a
@@ -40,7 +49,25 @@ def check(config) -> float:
     raise InputError(f"--config.train.time_budget_s={budget}: expected seconds >= 0 (0: off)")
   if reserve < 0:
     raise InputError(f"--config.train.time_budget_reserve_steps={reserve}: must be >= 0")
+  min_steps = int(config.train.get("time_budget_min_steps", 0))
+  layers = int(config.train.get("time_budget_fallback_layers", 0))
+  if min_steps < 0:
+    raise InputError(f"--config.train.time_budget_min_steps={min_steps}: must be >= 0 (0: off)")
+  if layers < 0:
+    raise InputError(f"--config.train.time_budget_fallback_layers={layers}: must be >= 0 "
+                     "(0: off)")
   return budget
+
+
+def fallback_layers(config, fitted_steps: int) -> int | None:
+  """The depth to start afresh with when only `fitted_steps` of the configured depth fit the
+  budget: `train.time_budget_fallback_layers` when that is shallower and fewer than
+  `train.time_budget_min_steps` fit; otherwise None (keep the configured depth)."""
+  min_steps = int(config.train.get("time_budget_min_steps", 0))
+  layers = int(config.train.get("time_budget_fallback_layers", 0))
+  if min_steps <= 0 or not 0 < layers < int(config.model.num_layers):
+    return None
+  return layers if fitted_steps < min_steps else None
 
 
 def affordable_steps(step: int, elapsed_s: float, step_s: float, budget_s: float,
@@ -79,3 +106,11 @@ def save(run_dir: str, record: dict) -> None:
   with open(tmp, "w") as f:
     json.dump(record, f, indent=1)
   os.replace(tmp, path)  # a crash leaves the old record or the new one, never half of one
+
+
+def clear(run_dir: str) -> None:
+  """Forget the recorded decision (the run starts afresh with another depth)."""
+  try:
+    os.remove(os.path.join(run_dir, FILE))
+  except FileNotFoundError:
+    pass

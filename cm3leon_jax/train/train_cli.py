@@ -105,6 +105,9 @@ def run(args, config) -> int:
     fitted = (f" (time budget {float(config.train.time_budget_s):.0f} s: "
               f"{result.total_steps} of train.steps={config.train.steps})"
               if result.total_steps < int(config.train.steps) else "")
+    if result.num_layers != int(config.model.num_layers):
+      fitted += (f" with {result.num_layers} layers, not model.num_layers="
+                 f"{config.model.num_layers} (train.time_budget_min_steps)")
     print(f"train: step {result.step}/{result.total_steps}{fitted}"
           + (" (preempted)" if result.preempted else "") + f" {json.dumps(summary)}")
     print(f"checkpoints: {paths['checkpoints']}  metrics: {paths['metrics']}")

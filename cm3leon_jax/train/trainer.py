@@ -34,7 +34,7 @@ from cm3leon_jax.model.decoder import DecoderConfig
 from cm3leon_jax.paths import artifacts
 from cm3leon_jax import configs
 from cm3leon_jax.train import flops, time_budget
-from cm3leon_jax.train.checkpoint import Checkpointer
+from cm3leon_jax.train.checkpoint import Checkpointer, adopt_budget_depth, with_layers
 from cm3leon_jax.train.mesh import global_batch, make_mesh
 from cm3leon_jax.train.state import TrainState, abstract_train_state, init_train_state
 from cm3leon_jax.train.step import (check_accumulation, check_batch_arrays, make_eval_step,
@@ -50,6 +50,7 @@ class TrainResult:
   history: list[dict]         # the logged metric records
   preempted: bool = False
   total_steps: int = 0        # the run's length: train.steps, or what fit the time budget
+  num_layers: int = 0         # the decoder's depth: model.num_layers, or the budget's choice
 
 
 def run_paths(config, run_dir: str | None = None) -> dict:
@@ -163,7 +164,7 @@ def with_steps(config, steps: int):
 
 
 def _fit_to_budget(config, budget_s: float, t_call: float, timed_from: tuple[float, int],
-                   step: int, compile_s: float, run_dir: str) -> dict:
+                   step: int, compile_s: float, run_dir: str, depth: dict) -> dict:
   """Decide the run's length from the steps timed since compilation (time_budget.py); every
   process takes process 0's decision; process 0 records it."""
   now = time.perf_counter()
@@ -179,7 +180,7 @@ def _fit_to_budget(config, budget_s: float, t_call: float, timed_from: tuple[flo
     steps = int(multihost_utils.broadcast_one_to_all(jnp.int32(steps)))
   record = dict(steps=steps, configured_steps=configured, budget_s=budget_s,
                 step_s=round(step_s, 5), elapsed_s=round(now - t_call, 2), at_step=step,
-                reserve_steps=reserve)
+                reserve_steps=reserve, **depth)
   if jax.process_index() == 0:
     time_budget.save(run_dir, record)
   if steps < configured:
@@ -208,13 +209,16 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   # --- Set up mesh -------------------------------------------------------------------------
   mesh = make_mesh(config.mesh)
   check_accumulation(config, mesh)
-  cfg = DecoderConfig.from_config(config)
   local_batch = config.train.batch_size // jax.process_count()
   paths = run_paths(config, run_dir)
 
   # --- Load checkpoint or initialise -----------------------------------------------------
   ckpt = Checkpointer(paths["checkpoints"], config)
   start = ckpt.latest_step() if resume else None
+  # The depth a time budget chose (this run's earlier call, or the run fine-tuning starts from).
+  depth_source = paths["checkpoints"] if start is not None else init_from
+  if depth_source:
+    config = ckpt.config = adopt_budget_depth(config, depth_source, start)
   # A resumed run keeps the length an earlier call fitted to the budget (and its schedule).
   fitted = time_budget.load(paths["root"]) if budget_s > 0 and start is not None else None
   if fitted is not None:
@@ -239,7 +243,8 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   step_fn = make_train_step(config, ts, mesh)
   eval_fn = make_eval_step(config, ts, mesh) if eval_batches else None
   eval_every = int(config.train.eval_every)
-  flops_per_step = flops.train_flops_per_step(cfg, config.train.batch_size)
+  flops_per_step = flops.train_flops_per_step(DecoderConfig.from_config(config),
+                                              config.train.batch_size)
   peak, peak_source = flops.peak_flops_per_device()
   tokens_per_step = config.train.batch_size * config.model.seq_len
   writer = MetricsWriter(paths["metrics"], paths["tensorboard"])
@@ -274,8 +279,35 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
       if (budget_s > 0 and fitted is None
           and step - timed_from[1] == time_budget.CALIBRATION_STEPS):
         jax.block_until_ready(metrics)
+        origin = int(config.train.get("time_budget_depth_from", 0))
+        depth = (dict(num_layers=int(config.model.num_layers), configured_num_layers=origin)
+                 if origin else {})
         fitted = _fit_to_budget(config, budget_s, t_call, timed_from, step, compile_s,
-                                paths["root"])
+                                paths["root"], depth)
+        layers = time_budget.fallback_layers(config, int(fitted["steps"]))
+        if layers is not None and start == 0 and not init_from and ckpt.latest_step() is None:
+          # Too few steps of this depth fit: start afresh, shallower (time_budget.py). Nothing
+          # was saved yet, so no checkpoint holds the dropped model.
+          log.warning("time budget %.0f s: %d steps of %d layers fit, fewer than "
+                      "train.time_budget_min_steps=%d; starting again with %d layers",
+                      budget_s, fitted["steps"], config.model.num_layers,
+                      int(config.train.time_budget_min_steps), layers)
+          config = ckpt.config = with_layers(config, layers, int(config.model.num_layers))
+          if jax.process_index() == 0:  # the new depth calibrates afresh, also on a resume
+            time_budget.clear(paths["root"])
+          ts = init_train_state(config, mesh)
+          state, step, fitted, compile_s = ts.state, 0, None, None
+          step_fn = make_train_step(config, ts, mesh)
+          eval_fn = make_eval_step(config, ts, mesh) if eval_batches else None
+          flops_per_step = flops.train_flops_per_step(DecoderConfig.from_config(config),
+                                                      config.train.batch_size)
+          total_steps = int(config.train.steps)
+          end = total_steps if max_steps is None else min(total_steps, int(max_steps))
+          history = []
+          writer.write(0, {"num_layers": layers, "restarted_for_time_budget": 1})
+          bar.reset(total=end)
+          last_time, last_step = time.perf_counter(), 0
+          continue
         if fitted["steps"] < total_steps:
           total_steps = int(fitted["steps"])
           config = ckpt.config = with_steps(config, total_steps)  # saved with checkpoints
@@ -320,4 +352,4 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   if history:
     log.info("peak FLOP/s per device: %s (%s)", peak, peak_source)
   return TrainResult(TrainState(ts.graphdef, state, ts.shardings), step, history, preempted,
-                     total_steps)
+                     total_steps, int(config.model.num_layers))
