@@ -88,13 +88,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def decoder_budget_overrides(config, state: dict) -> list[str]:
   """`--config.train.time_budget_s=S` for the decoder stage: `quickstart.budget_s` less the
-  recorded seconds of the stages done so far (this call's and earlier ones'), so a slower
+  recorded seconds of the stages before it (this call's and earlier ones'), so a slower
   machine trains fewer steps instead of overrunning the budget (train/time_budget.py). Nothing
   when there is no budget. At least 1 s: the trainer then stops after its calibration steps."""
   budget = float(config.quickstart.get("budget_s", 0.0))
   if budget <= 0:
     return []
-  used = sum(seconds for name, seconds in state["done"].items() if name != "decoder")
+  names = [stage.name for stage in stages(config)]
+  before = set(names[:names.index("decoder")])  # not an earlier run's evaluation (--redo)
+  used = sum(seconds for name, seconds in state["done"].items() if name in before)
   left = max(budget - used, 1.0)
   print(f"quickstart: {used:.0f} s of the {budget:.0f} s budget used; the decoder may take "
         f"{left:.0f} s (its steps fitted to that, at most train.steps={config.train.steps}; "

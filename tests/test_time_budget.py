@@ -45,10 +45,10 @@ def final_params(workdir, steps):
 
 
 def test_affordable_steps_hand_computed():
-  # 100 s budget, 10 s used, 100 reserve steps x 0.1 s = 10 s kept: 80 s / (0.1 s x 1.05) = 761.9
-  assert time_budget.affordable_steps(50, 10.0, 0.1, 100.0, reserve_steps=100) == 50 + 761
-  # a recompile of 5 s is kept back too: 75 / 0.105 = 714.3
-  assert time_budget.affordable_steps(50, 10.0, 0.1, 100.0, 100, extra_s=5.0) == 50 + 714
+  # 100 s budget, 10 s used, 100 reserve steps x 0.1 s = 10 s kept: 80 s / (0.1 s x 1.15) = 695.7
+  assert time_budget.affordable_steps(50, 10.0, 0.1, 100.0, reserve_steps=100) == 50 + 695
+  # a recompile of 5 s is kept back too: 75 / 0.115 = 652.2
+  assert time_budget.affordable_steps(50, 10.0, 0.1, 100.0, 100, extra_s=5.0) == 50 + 652
   assert time_budget.affordable_steps(50, 10.0, 0.1, 100.0, margin=1.0) == 50 + 900
 
 
@@ -119,8 +119,10 @@ def test_quickstart_gives_the_decoder_what_the_stages_before_it_left():
   state = {"done": {"data": 10.0, "VQ tokenizer": 200.0, "dual encoder": 260.0}}
   assert quickstart.decoder_budget_overrides(config, state) == [
       "--config.train.time_budget_s=400.0"]  # 870 - 470
-  # an earlier, interrupted decoder's own seconds are not counted against it
+  # an earlier, interrupted decoder's own seconds are not counted against it, nor an earlier
+  # run's evaluation (`cm3leon quickstart --redo decoder ...`)
   state["done"]["decoder"] = 500.0
+  state["done"]["generate + evaluate"] = 80.0
   assert quickstart.decoder_budget_overrides(config, state) == [
       "--config.train.time_budget_s=400.0"]
   spent = {"done": {"VQ tokenizer": 1000.0}}
@@ -242,3 +244,10 @@ def test_report_says_when_the_decoder_is_shallower():
   assert line.startswith("**The decoder trained 2,634 of its preset's 7,000 steps, with 4 of "
                          "its preset's 6 layers**: 0.123 s per step")
   assert "fewer than `train.time_budget_min_steps` of the 6-layer decoder fit" in line
+
+
+def test_quickstart_trains_4_layers_where_fewer_than_5600_of_its_6_fit():
+  config = configs.load("quickstart", [])
+  assert config.model.num_layers == 6
+  assert time_budget.fallback_layers(config, 5599) == 4
+  assert time_budget.fallback_layers(config, 5600) is None

@@ -38,7 +38,11 @@ from cm3leon_jax.errors import InputError
 
 FILE = "time_budget.json"
 CALIBRATION_STEPS = 50
-MARGIN = 1.05  # step times drift by a few per cent over a run (evaluations, checkpoints, load)
+# The 50 timed steps predict the run's steps optimistically: on a 2-core KVM Xeon the quickstart
+# decoder timed 0.147 s and then averaged 0.159 s (6 layers), timed 0.107 s and averaged
+# 0.121 s (4 layers; 100-step means 0.098-0.136 s: other load, held-out evaluations,
+# checkpoints). With 1.05 that run overran its budget by 25 s.
+MARGIN = 1.15
 
 
 def check(config) -> float:

@@ -183,10 +183,6 @@ def _fit_to_budget(config, budget_s: float, t_call: float, timed_from: tuple[flo
                 reserve_steps=reserve, **depth)
   if jax.process_index() == 0:
     time_budget.save(run_dir, record)
-  if steps < configured:
-    log.warning("time budget %.0f s: %d of %d steps fit (%.3f s per step, %.0f s used); the "
-                "schedule now decays over %d steps", budget_s, steps, configured, step_s,
-                now - t_call, steps)
   return record
 
 
@@ -288,9 +284,10 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
         if layers is not None and start == 0 and not init_from and ckpt.latest_step() is None:
           # Too few steps of this depth fit: start afresh, shallower (time_budget.py). Nothing
           # was saved yet, so no checkpoint holds the dropped model.
-          log.warning("time budget %.0f s: %d steps of %d layers fit, fewer than "
-                      "train.time_budget_min_steps=%d; starting again with %d layers",
-                      budget_s, fitted["steps"], config.model.num_layers,
+          log.warning("time budget %.0f s: %d steps of %d layers fit (%.3f s per step, %.0f s "
+                      "used), fewer than train.time_budget_min_steps=%d; starting again with %d "
+                      "layers", budget_s, fitted["steps"], config.model.num_layers,
+                      fitted["step_s"], fitted["elapsed_s"],
                       int(config.train.time_budget_min_steps), layers)
           config = ckpt.config = with_layers(config, layers, int(config.model.num_layers))
           if jax.process_index() == 0:  # the new depth calibrates afresh, also on a resume
@@ -309,6 +306,9 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
           last_time, last_step = time.perf_counter(), 0
           continue
         if fitted["steps"] < total_steps:
+          log.warning("time budget %.0f s: %d of %d steps fit (%.3f s per step, %.0f s used); "
+                      "the schedule now decays over %d steps", budget_s, fitted["steps"],
+                      total_steps, fitted["step_s"], fitted["elapsed_s"], fitted["steps"])
           total_steps = int(fitted["steps"])
           config = ckpt.config = with_steps(config, total_steps)  # saved with checkpoints
           # The schedule is part of the optimizer (graphdef) and of the compiled step.
