@@ -146,10 +146,10 @@ def run(args, config, overrides: list[str] | None = None) -> int:
   _save_state(state_path, state)
   print(f"quickstart finished in {total / 60:.1f} min; report: {os.path.join(root, 'report.md')}")
   fitted = time_budget.load(artifacts(config).decoder) if config.quickstart.budget_s > 0 else None
-  shallower = bool(fitted) and fitted.get("num_layers", 0) != fitted.get("configured_num_layers", 0)
-  if fitted and (int(fitted["steps"]) < int(fitted["configured_steps"]) or shallower):
-    depth = (f", with {fitted['num_layers']} layers (too few steps of the preset's "
-             f"{fitted['configured_num_layers']} fit)" if shallower else "")
+  if time_budget.cut_short(fitted):
+    layers = time_budget.depth_change(fitted)
+    depth = (f", with {layers[0]} layers (too few steps of the preset's {layers[1]} fit)"
+             if layers else "")
     print(f"note: the time budget held {fitted['steps']} of the decoder's "
           f"{fitted['configured_steps']} steps on this machine ({fitted['step_s']:.3f} s per "
           f"step){depth}; delete its decoder/ and re-run with --config.quickstart.budget_s=0 "

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from cm3leon_jax.eval import attributes, grids
+from cm3leon_jax.train import time_budget
 
 ATTRIBUTE_ROWS = ("all", "colour", "shape", "size", "position", "count")
 SAMPLE_COLUMNS = 8
@@ -212,15 +213,12 @@ def _seconds(metrics: dict, stage_seconds: dict[str, float]) -> list[str]:
 def _time_budget(fitted: dict | None) -> list[str]:
   """A decoder trained fewer steps than its preset's, to fit a time budget, says so first:
   the scores above are of that shorter run."""
-  if not fitted:
+  if not time_budget.cut_short(fitted):
     return []
-  shallower = "num_layers" in fitted and fitted["num_layers"] != fitted["configured_num_layers"]
-  if int(fitted["steps"]) >= int(fitted["configured_steps"]) and not shallower:
-    return []
-  depth = (f", with {int(fitted['num_layers'])} of its preset's "
-           f"{int(fitted['configured_num_layers'])} layers" if shallower else "")
-  why = (f" (fewer than `train.time_budget_min_steps` of the {int(fitted['configured_num_layers'])}"
-         "-layer decoder fit, so the trainer started again shallower)" if shallower else "")
+  layers = time_budget.depth_change(fitted)
+  depth = f", with {layers[0]} of its preset's {layers[1]} layers" if layers else ""
+  why = (f" (fewer than `train.time_budget_min_steps` of the {layers[1]}-layer decoder fit, "
+         "so the trainer started again shallower)" if layers else "")
   return [f"**The decoder trained {int(fitted['steps']):,} of its preset's "
           f"{int(fitted['configured_steps']):,} steps{depth}**: {float(fitted['step_s']):.3f} s "
           f"per step on this machine, and its time budget ({float(fitted['budget_s']):.0f} s, "

@@ -74,6 +74,21 @@ def fallback_layers(config, fitted_steps: int) -> int | None:
   return layers if fitted_steps < min_steps else None
 
 
+def depth_change(record: dict | None) -> tuple[int, int] | None:
+  """(layers trained, layers configured) when the record's run trained a shallower decoder
+  than configured (the fallback above); otherwise None."""
+  if not record or "num_layers" not in record:
+    return None
+  trained, configured = int(record["num_layers"]), int(record["configured_num_layers"])
+  return (trained, configured) if trained != configured else None
+
+
+def cut_short(record: dict | None) -> bool:
+  """Whether the record's run differs from its config: fewer steps, or fewer layers."""
+  return bool(record) and (int(record["steps"]) < int(record["configured_steps"])
+                           or depth_change(record) is not None)
+
+
 def affordable_steps(step: int, elapsed_s: float, step_s: float, budget_s: float,
                      reserve_steps: int = 0, extra_s: float = 0.0,
                      margin: float = MARGIN) -> int:

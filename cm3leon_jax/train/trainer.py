@@ -156,6 +156,16 @@ def pretrained_state(config, mesh, directory: str):
   return TrainState(abstract.graphdef, state, abstract.shardings)
 
 
+def _compiled(config, ts: TrainState, mesh, eval_batches) -> tuple:
+  """(train step, held-out loss step or None, model FLOPs per step) for `config`'s model and
+  schedule: built at the start, and again when a time budget changes the depth or length."""
+  step_fn = make_train_step(config, ts, mesh)
+  eval_fn = make_eval_step(config, ts, mesh) if eval_batches else None
+  flops_per_step = flops.train_flops_per_step(DecoderConfig.from_config(config),
+                                              config.train.batch_size)
+  return step_fn, eval_fn, flops_per_step
+
+
 def with_steps(config, steps: int):
   """A copy of `config` with `train.steps` = steps."""
   c = copy.deepcopy(config)
@@ -236,11 +246,8 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   end = total_steps if max_steps is None else min(total_steps, start + int(max_steps))
 
   # --- Update step -------------------------------------------------------------------------
-  step_fn = make_train_step(config, ts, mesh)
-  eval_fn = make_eval_step(config, ts, mesh) if eval_batches else None
+  step_fn, eval_fn, flops_per_step = _compiled(config, ts, mesh, eval_batches)
   eval_every = int(config.train.eval_every)
-  flops_per_step = flops.train_flops_per_step(DecoderConfig.from_config(config),
-                                              config.train.batch_size)
   peak, peak_source = flops.peak_flops_per_device()
   tokens_per_step = config.train.batch_size * config.model.seq_len
   writer = MetricsWriter(paths["metrics"], paths["tensorboard"])
@@ -294,10 +301,7 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
             time_budget.clear(paths["root"])
           ts = init_train_state(config, mesh)
           state, step, fitted, compile_s = ts.state, 0, None, None
-          step_fn = make_train_step(config, ts, mesh)
-          eval_fn = make_eval_step(config, ts, mesh) if eval_batches else None
-          flops_per_step = flops.train_flops_per_step(DecoderConfig.from_config(config),
-                                                      config.train.batch_size)
+          step_fn, eval_fn, flops_per_step = _compiled(config, ts, mesh, eval_batches)
           total_steps = int(config.train.steps)
           end = total_steps if max_steps is None else min(total_steps, int(max_steps))
           history = []
@@ -313,8 +317,7 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
           config = ckpt.config = with_steps(config, total_steps)  # saved with checkpoints
           # The schedule is part of the optimizer (graphdef) and of the compiled step.
           ts = TrainState(abstract_train_state(config, mesh).graphdef, state, ts.shardings)
-          step_fn = make_train_step(config, ts, mesh)
-          eval_fn = make_eval_step(config, ts, mesh) if eval_batches else None
+          step_fn, eval_fn, _ = _compiled(config, ts, mesh, eval_batches)
           end = min(end, total_steps)
           bar.total = end
           bar.refresh()
