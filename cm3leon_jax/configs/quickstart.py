@@ -117,7 +117,10 @@ def get_config(arg=None):
   c.model.head_dim = 32
   c.model.d_ff = 384
   c.model.seq_len = 384  # a query pair (~87 tokens) + up to 3 retrieved pairs
-  c.model.dtype = "float32"  # bf16 is slower than fp32 on CPUs (JAX_NOTES.md)
+  # bf16 is slower than fp32 on CPUs (JAX_NOTES.md), even on a 2-core Xeon with AMX (2026-11-29),
+  # whose XLA bf16 matmul ran 2.2-2.5x its fp32 one (1024^3: 690 vs 271 GFLOP/s): this decoder's
+  # d = 96 products are too small; train step 4 layers 0.134 vs 0.122 s, 6 layers 0.187 vs 0.141.
+  c.model.dtype = "float32"
   c.model.remat_policy = "none"
   # Not in the paper (configs/base.py). Measured on this preset: image loss 1.08 at step 200
   # (1.49 without); at step 750, 33% of sampled images held exactly one object (4% without).
