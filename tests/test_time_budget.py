@@ -251,3 +251,98 @@ def test_quickstart_trains_4_layers_where_fewer_than_5600_of_its_6_fit():
   assert config.model.num_layers == 6
   assert time_budget.fallback_layers(config, 5599) == 4
   assert time_budget.fallback_layers(config, 5600) is None
+
+
+# --- the re-fit halfway (time_budget.REFIT_AT) ------------------------------------------------
+
+def test_schedule_after_a_refit_keeps_its_start_and_stretches_its_rest():
+  opt = configs.load("quickstart", []).optimizer  # warm-up 50, cosine to 10% of 6e-3
+  planned, refitted = schedule(opt, 1000), schedule(opt, 1500, (400, 1000))
+  for step in (0, 49, 200, 399, 400):
+    assert float(refitted(step)) == pytest.approx(float(planned(step)), rel=1e-6)
+  # step 950 lies (950 - 400) / (1500 - 400) = half-way through the rest: planned step 700
+  assert float(refitted(950)) == pytest.approx(float(planned(700)), rel=1e-6)
+  assert float(refitted(1500)) == pytest.approx(6e-4, rel=1e-6)  # the end value, at the new end
+  squeezed = schedule(opt, 700, (400, 1000))  # a shorter run: planned step 700 at step 550
+  assert float(squeezed(550)) == pytest.approx(float(planned(700)), rel=1e-6)
+
+
+@pytest.mark.parametrize("refit", [(0, 1000), (1000, 1000), (600, 1000)])
+def test_a_refit_outside_the_run_is_a_clear_error(refit):
+  with pytest.raises(InputError, match="re-fitted at step"):
+    schedule(configs.load("quickstart", []).optimizer, 500, refit)
+
+
+@pytest.mark.parametrize("at,steps,expected", [(51, 251, 151), (51, 250, None), (51, 7000, 3525)])
+def test_refit_step_is_half_way_from_the_fit_to_its_end(at, steps, expected):
+  # fewer than 4 x 50 steps after the fit: no re-fit (its mean would be no better)
+  assert time_budget.refit_step({"at_step": at, "steps": steps}) == expected
+
+
+def fake_fits(first, second):
+  """affordable_steps forced to `first` more steps at the first fit, `second` at the re-fit."""
+  return lambda step, *a, margin=time_budget.MARGIN, **k: step + (
+      first if margin == time_budget.MARGIN else second)
+
+
+def test_refit_lengthens_the_run_and_equals_a_run_planned_that_way(tmp_path, monkeypatch,
+                                                                    capsys):
+  """Fit at step 51 to 91 steps; re-fit at 71 (half-way) to 111: the record says so, and the
+  parameters equal those of a plain run given that schedule, bit for bit; a resumed call keeps
+  the length."""
+  monkeypatch.setattr(time_budget, "REFIT_MIN_STEPS", 40)  # (200: too long a test)
+  monkeypatch.setattr(time_budget, "affordable_steps", fake_fits(40, 40))
+  assert train(tmp_path / "fitted", "--config.train.steps=1000",
+               "--config.train.time_budget_s=3600") == 0
+  record = time_budget.load(str(tmp_path / "fitted" / "decoder"))
+  assert (record["steps"], record["at_step"], record["configured_steps"]) == (111, 51, 1000)
+  assert (record["refit"]["at_step"], record["refit"]["steps_before"]) == (71, 91)
+  opt = configs.load("tiny", [o[len("--config."):] for o in TINY]).optimizer
+  fitted = last_metrics(tmp_path / "fitted")
+  assert fitted["step"] == 111
+  assert fitted["lr"] == pytest.approx(float(schedule(opt, 111, (71, 91))(110)), rel=1e-6)
+  with open(tmp_path / "fitted" / "decoder" / "metrics.jsonl") as f:
+    lr_81 = [r["lr"] for r in map(json.loads, f) if r["step"] == 81][0]
+  # optimizer step 80 of the stretched rest: the first fit's step 71 + 9 x 20 / 40 = 75.5
+  assert lr_81 == pytest.approx(float(schedule(opt, 91)(75.5)), rel=1e-6)
+  assert float(schedule(opt, 91)(80)) < 0.9 * lr_81  # not the first fit's schedule
+  assert train(tmp_path / "plain", "--config.train.steps=111",
+               "--config.train.time_budget_refit_step=71",
+               "--config.train.time_budget_refit_from=91") == 0
+  import jax
+  a, b = final_params(tmp_path / "fitted", 111), final_params(tmp_path / "plain", 111)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  capsys.readouterr()
+  assert train(tmp_path / "fitted", "--config.train.steps=1000",
+               "--config.train.time_budget_s=3600") == 0
+  assert "train: step 111/111" in capsys.readouterr().out
+  assert time_budget.load(str(tmp_path / "fitted" / "decoder")) == record
+
+
+def test_refit_shortens_a_run_that_would_overrun(tmp_path, monkeypatch):
+  """The re-fit finds 5 more steps where 20 were planned: the run ends at 76 with the
+  schedule's end value, instead of overrunning its budget."""
+  monkeypatch.setattr(time_budget, "REFIT_MIN_STEPS", 40)
+  monkeypatch.setattr(time_budget, "affordable_steps", fake_fits(40, 5))
+  assert train(tmp_path, "--config.train.steps=1000", "--config.train.time_budget_s=3600") == 0
+  record = time_budget.load(str(tmp_path / "decoder"))
+  assert (record["steps"], record["refit"]["at_step"], record["refit"]["steps_before"]) == (
+      76, 71, 91)
+  opt = configs.load("tiny", [o[len("--config."):] for o in TINY]).optimizer
+  last = last_metrics(tmp_path)
+  assert last["step"] == 76
+  end_lr = float(opt.peak_lr) * float(opt.end_lr_ratio)
+  assert float(schedule(opt, 76, (71, 91))(76)) == pytest.approx(end_lr, rel=1e-6)
+  assert last["lr"] == pytest.approx(float(schedule(opt, 76, (71, 91))(75)), rel=1e-6)
+
+
+@pytest.mark.parametrize("steps,expected", [
+    (111, (71, 91)),   # lengthened: the schedule's rest stretches from step 71
+    (76, (71, 91)),    # shortened
+    (91, None),        # unchanged: the first fit's schedule stands
+    (71, None)])       # the budget was spent at the re-fit: nothing remains to schedule
+def test_schedule_refit_from_a_record(steps, expected):
+  record = {"steps": steps, "at_step": 51, "refit": {"at_step": 71, "steps_before": 91}}
+  assert time_budget.schedule_refit(record) == expected
+  assert time_budget.schedule_refit({"steps": 91, "at_step": 51}) is None

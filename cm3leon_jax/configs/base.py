@@ -192,6 +192,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.time_budget_min_steps = 0
   c.train.time_budget_fallback_layers = 0
   c.train.time_budget_depth_from = 0
+  # Midway through a fitted run the trainer fits its length again from the steps timed since
+  # (train/time_budget.py); where that changes the length, these hold the step and the length
+  # before, and the learning-rate schedule stretches from there (train/optimizer.py). The
+  # trainer's to set, not yours; 0: no re-fit.
+  c.train.time_budget_refit_step = 0
+  c.train.time_budget_refit_from = 0
   c.train.batch_size = 2048  # sequences per optimizer step, global
   c.train.grad_accum = 1
   c.train.log_every = 10

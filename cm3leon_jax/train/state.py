@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.model.decoder import Decoder, DecoderConfig
 from cm3leon_jax.train.mesh import axis_rules
-from cm3leon_jax.train.optimizer import make_optimizer
+from cm3leon_jax.train.optimizer import make_optimizer, refit_of
 
 
 @dataclasses.dataclass
@@ -66,7 +66,7 @@ def state_shardings(abstract_state, mesh: Mesh, config):
 def make_model_and_optimizer(config, seed: int | None = None):
   """A zero-argument constructor of (Decoder, nnx.Optimizer) for `sharded_init`/`eval_shape`."""
   cfg = DecoderConfig.from_config(config)
-  tx = make_optimizer(config.optimizer, config.train.steps)
+  tx = make_optimizer(config.optimizer, config.train.steps, refit_of(config.train))
   seed = config.train.seed if seed is None else seed
 
   def make():

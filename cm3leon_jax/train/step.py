@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.tokenizers.vocab import Vocab
 from cm3leon_jax.train.mesh import BATCH_AXES, batch_divisor, batch_sharding, check_batch
-from cm3leon_jax.train.optimizer import schedule
+from cm3leon_jax.train.optimizer import refit_of, schedule
 
 BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "weights": np.float32,
                 "image_index": np.int32, "segment_ids": np.int32, "positions": np.int32}
@@ -138,7 +138,7 @@ def grads_fn(config, model_def) -> Callable:
 
 def train_step_fn(config, graphdef) -> Callable:
   """The pure step `(state, batch) -> (state, metrics)` (not jitted; see make_train_step)."""
-  lr_at = schedule(config.optimizer, config.train.steps)
+  lr_at = schedule(config.optimizer, config.train.steps, refit_of(config.train))
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)

@@ -13,6 +13,16 @@ compilation when the length changes (the learning-rate schedule is part of the c
 The decided length is written to `<run dir>/time_budget.json` before training goes on, so a
 resumed run keeps the same schedule instead of calibrating again.
 
+Re-fit: the 50 timed steps are a noisy estimate (a machine's step time drifts by +-15% over a
+run), so the first fit keeps a wide margin (`MARGIN`). Halfway from the fit to the fitted end
+(`REFIT_AT`) the trainer fits the length once more from the mean step time since the fit (held-
+out evaluations and checkpoints included) with a narrow margin (`REFIT_MARGIN`): a machine
+faster than its calibration gets the seconds the wide margin kept back, a slower one stops
+before overrunning. The learning-rate schedule keeps its first half and stretches its rest over
+the new length (train/optimizer.py); the record then also holds `refit` (the step, the length
+before, the step time measured) and resumed runs rebuild that schedule. Only the call that
+calibrated re-fits: a resumed call has no timings of its own for the steps before it.
+
 Depth (`train.time_budget_min_steps`, `train.time_budget_fallback_layers`): a budget may hold
 too few steps for the configured depth to learn what it must (the quickstart's 6-layer decoder
 needs thousands of steps for shapes; a 4-layer one, ~1.3x faster per step, did better in the
@@ -43,6 +53,12 @@ CALIBRATION_STEPS = 50
 # 0.121 s (4 layers; 100-step means 0.098-0.136 s: other load, held-out evaluations,
 # checkpoints). With 1.05 that run overran its budget by 25 s.
 MARGIN = 1.15
+# The re-fit's mean covers half the run (~1,400 quickstart steps on the Xeon, evaluations and
+# checkpoints included); what varies after it is the other half's drift. 5% on the remaining
+# half of the Xeon's decoder (~170 s) is ~9 s, also the cost of one more evaluation and checkpoint.
+REFIT_AT = 0.5
+REFIT_MARGIN = 1.05
+REFIT_MIN_STEPS = 4 * CALIBRATION_STEPS  # after the fit; fewer: the first estimate stands
 
 
 def check(config) -> float:
@@ -99,6 +115,25 @@ def affordable_steps(step: int, elapsed_s: float, step_s: float, budget_s: float
     raise ValueError(f"step_s={step_s}: must be > 0")
   left = budget_s - elapsed_s - reserve_steps * step_s - extra_s
   return step + max(math.floor(left / (step_s * margin)), 0)
+
+
+def refit_step(record: dict) -> int | None:
+  """The step at which a fit recorded in `record` is fitted again (REFIT_AT of the way from the
+  fit to its end), or None when too few steps remain for a better estimate than the first."""
+  at, steps = int(record["at_step"]), int(record["steps"])
+  if steps - at < REFIT_MIN_STEPS:
+    return None
+  return at + int((steps - at) * REFIT_AT)
+
+
+def schedule_refit(record: dict | None) -> tuple[int, int] | None:
+  """(step, steps before) of the record's re-fit where it changed the length and steps remain
+  after it (the learning-rate schedule's knot, train/optimizer.py); otherwise None."""
+  refit = (record or {}).get("refit")
+  if not refit:
+    return None
+  at, before, steps = int(refit["at_step"]), int(refit["steps_before"]), int(record["steps"])
+  return (at, before) if steps != before and steps > at else None
 
 
 def load(run_dir: str) -> dict | None:

@@ -166,34 +166,34 @@ def _compiled(config, ts: TrainState, mesh, eval_batches) -> tuple:
   return step_fn, eval_fn, flops_per_step
 
 
-def with_steps(config, steps: int):
-  """A copy of `config` with `train.steps` = steps."""
+def with_steps(config, steps: int, refit: tuple[int, int] | None = None):
+  """A copy of `config` with `train.steps` = steps (and the step and length of a re-fit that
+  made it that length, train/optimizer.py)."""
   c = copy.deepcopy(config)
   configs.apply_override(c, f"train.steps={int(steps)}")
+  at, before = refit or (0, 0)
+  configs.apply_override(c, f"train.time_budget_refit_step={int(at)}")
+  configs.apply_override(c, f"train.time_budget_refit_from={int(before)}")
   return c
 
 
 def _fit_to_budget(config, budget_s: float, t_call: float, timed_from: tuple[float, int],
-                   step: int, compile_s: float, run_dir: str, depth: dict) -> dict:
-  """Decide the run's length from the steps timed since compilation (time_budget.py); every
-  process takes process 0's decision; process 0 records it."""
+                   step: int, compile_s: float, margin: float,
+                   cap: int) -> tuple[int, float, float]:
+  """(steps, seconds per step, seconds used): the run's length fitted to the budget from the
+  steps timed since `timed_from` (time_budget.py), at most `cap` (the configured length); every
+  process takes process 0's decision."""
   now = time.perf_counter()
   step_s = (now - timed_from[0]) / (step - timed_from[1])
   reserve = int(config.train.get("time_budget_reserve_steps", 0))
-  configured = int(config.train.steps)
-  # A shorter run compiles its step again (and the held-out loss's): keep that time back too.
+  # A new length compiles its step again (and the held-out loss's): keep that time back too.
   steps = time_budget.affordable_steps(step, now - t_call, step_s, budget_s, reserve,
-                                       extra_s=compile_s)
-  steps = min(steps, configured)
+                                       extra_s=compile_s, margin=margin)
+  steps = min(steps, cap)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     steps = int(multihost_utils.broadcast_one_to_all(jnp.int32(steps)))
-  record = dict(steps=steps, configured_steps=configured, budget_s=budget_s,
-                step_s=round(step_s, 5), elapsed_s=round(now - t_call, 2), at_step=step,
-                reserve_steps=reserve, **depth)
-  if jax.process_index() == 0:
-    time_budget.save(run_dir, record)
-  return record
+  return steps, step_s, now - t_call
 
 
 def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
@@ -228,7 +228,8 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   # A resumed run keeps the length an earlier call fitted to the budget (and its schedule).
   fitted = time_budget.load(paths["root"]) if budget_s > 0 and start is not None else None
   if fitted is not None:
-    config = ckpt.config = with_steps(config, int(fitted["steps"]))
+    config = ckpt.config = with_steps(config, int(fitted["steps"]),
+                                      time_budget.schedule_refit(fitted))
   total_steps = int(config.train.steps)
   if start is not None:
     abstract = abstract_train_state(config, mesh)
@@ -259,6 +260,8 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   history, state, step, preempted = [], ts.state, start, False
   last_time, last_step, compile_s = time.perf_counter(), start, None
   timed_from = None  # (time, step) once the first (compiling) step is done
+  # The re-fit (time_budget.py): its step, and (time, step) once the step after the fit is done.
+  refit_at, refit_timed = None, None
   # Only Grain iterators can be checkpointed; others (plain generators) restart on resume.
   saved_iter = data_iter if hasattr(data_iter, "get_state") else None
   with jax.set_mesh(mesh):
@@ -285,8 +288,13 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
         origin = int(config.train.get("time_budget_depth_from", 0))
         depth = (dict(num_layers=int(config.model.num_layers), configured_num_layers=origin)
                  if origin else {})
-        fitted = _fit_to_budget(config, budget_s, t_call, timed_from, step, compile_s,
-                                paths["root"], depth)
+        configured = int(config.train.steps)
+        steps, step_s, used_s = _fit_to_budget(config, budget_s, t_call, timed_from, step,
+                                               compile_s, time_budget.MARGIN, configured)
+        fitted = dict(steps=steps, configured_steps=configured, budget_s=budget_s,
+                      step_s=round(step_s, 5), elapsed_s=round(used_s, 2), at_step=step,
+                      reserve_steps=int(config.train.get("time_budget_reserve_steps", 0)),
+                      **depth)
         layers = time_budget.fallback_layers(config, int(fitted["steps"]))
         if layers is not None and start == 0 and not init_from and ckpt.latest_step() is None:
           # Too few steps of this depth fit: start afresh, shallower (time_budget.py). Nothing
@@ -301,6 +309,7 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
             time_budget.clear(paths["root"])
           ts = init_train_state(config, mesh)
           state, step, fitted, compile_s = ts.state, 0, None, None
+          refit_at, refit_timed = None, None
           step_fn, eval_fn, flops_per_step = _compiled(config, ts, mesh, eval_batches)
           total_steps = int(config.train.steps)
           end = total_steps if max_steps is None else min(total_steps, int(max_steps))
@@ -309,6 +318,9 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
           bar.reset(total=end)
           last_time, last_step = time.perf_counter(), 0
           continue
+        if jax.process_index() == 0:
+          time_budget.save(paths["root"], fitted)
+        refit_at, refit_timed = time_budget.refit_step(fitted), "next"
         if fitted["steps"] < total_steps:
           log.warning("time budget %.0f s: %d of %d steps fit (%.3f s per step, %.0f s used); "
                       "the schedule now decays over %d steps", budget_s, fitted["steps"],
@@ -319,6 +331,31 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
           ts = TrainState(abstract_train_state(config, mesh).graphdef, state, ts.shardings)
           step_fn, eval_fn, _ = _compiled(config, ts, mesh, eval_batches)
           end = min(end, total_steps)
+          bar.total = end
+          bar.refresh()
+      elif refit_timed == "next":  # the step after the fit (and its recompilation) is done
+        jax.block_until_ready(metrics)
+        refit_timed = (time.perf_counter(), step)
+      elif refit_at is not None and step == refit_at:
+        jax.block_until_ready(metrics)
+        steps, step_s, used_s = _fit_to_budget(config, budget_s, t_call, refit_timed, step,
+                                               compile_s, time_budget.REFIT_MARGIN,
+                                               int(fitted["configured_steps"]))
+        fitted = dict(fitted, steps=steps, step_s=round(step_s, 5),
+                      refit=dict(at_step=step, steps_before=total_steps,
+                                 step_s=round(step_s, 5), elapsed_s=round(used_s, 2)))
+        if jax.process_index() == 0:
+          time_budget.save(paths["root"], fitted)
+        refit_at = None
+        if steps != total_steps:
+          log.warning("time budget %.0f s: re-fitted at step %d from %d to %d steps (%.3f s per "
+                      "step since step %d, %.0f s used); the schedule's rest stretches over "
+                      "them", budget_s, step, total_steps, steps, step_s, refit_timed[1], used_s)
+          config = ckpt.config = with_steps(config, steps, time_budget.schedule_refit(fitted))
+          total_steps = steps
+          ts = TrainState(abstract_train_state(config, mesh).graphdef, state, ts.shardings)
+          step_fn, eval_fn, _ = _compiled(config, ts, mesh, eval_batches)
+          end = total_steps if max_steps is None else min(total_steps, start + int(max_steps))
           bar.total = end
           bar.refresh()
       evaluate = eval_fn is not None and (step == end or (eval_every > 0
