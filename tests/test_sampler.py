@@ -124,13 +124,17 @@ def test_step_logits_multiply_only_the_image_rows_while_every_row_is_inside_an_i
                                 full_RV)
 
 
-def test_image_only_head_samples_what_the_whole_head_samples(model):
+@pytest.mark.parametrize("top_p,top_k", [(1.0, 0), (0.8, 0), (0.9, 20)])
+def test_image_only_head_samples_what_the_whole_head_samples(model, top_p, top_k):
+  """The image-only head and the image-only top-k / top-p (while every row is in an image) keep
+  the same tokens as the whole head and vocabulary: the same samples, draw for draw."""
   pr = [P.text_to_image(VOCAB, np.array(c)) for c in ((40, 41, 42), (50, 51))]
   streams = [[p.cond for p in pr], [p.uncond for p in pr]]
-  knobs = make_knobs(2, temperature=5.0, cfg_weight=2.0, use_cdk=[True, False])
+  knobs = make_knobs(2, temperature=5.0, cfg_weight=2.0, use_cdk=[True, False], top_p=top_p)
   outs = [generate(model, VOCAB, streams, SamplerSpec(
       num_streams=2, max_new_tokens=N + 1, tokens_per_image=N, stop_after_image=True,
-      image_head=image_head), knobs, jax.random.key(4))[0] for image_head in (True, False)]
+      top_k=top_k, image_head=image_head), knobs, jax.random.key(4))[0]
+      for image_head in (True, False)]
   np.testing.assert_array_equal(outs[0], outs[1])
   assert len(set(outs[0].ravel().tolist())) > 4
 
