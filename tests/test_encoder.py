@@ -124,7 +124,7 @@ def test_a_hard_negative_equal_to_the_caption_costs_half_log_2_and_an_invalid_on
 
 
 def test_pairs_get_their_caption_with_one_word_swapped_as_a_hard_negative(config, tokenizer):
-  hard = configs.load("tiny", ["retrieval.hard_negatives=1.0",
+  hard = configs.load("tiny", ["retrieval.hard_negatives=1.0", "retrieval.pack_text=False",
                                "retrieval.swap_groups=('red green blue yellow',)"])
   batch = next(iter(train_encoder.pair_dataset(Quadrants(16), tokenizer, hard, 16, seed=0)))
   for ids, mask, neg_ids, neg_mask in zip(batch["ids"], batch["mask"], batch["neg_ids"],
@@ -135,11 +135,11 @@ def test_pairs_get_their_caption_with_one_word_swapped_as_a_hard_negative(config
     assert neg != text and neg.split()[1] in COLOURS and neg.split()[1] != colour
     assert neg.replace(neg.split()[1], colour) == text  # only the colour word changed
   plain = next(iter(train_encoder.pair_dataset(Quadrants(16), tokenizer, config, 16, seed=0)))
-  assert "neg_ids" not in plain
+  assert "neg_ids" not in plain and "neg_valid" not in plain
 
 
 def test_a_caption_with_no_swappable_word_gets_no_hard_negative(tokenizer):
-  hard = configs.load("tiny", ["retrieval.hard_negatives=1.0",
+  hard = configs.load("tiny", ["retrieval.hard_negatives=1.0", "retrieval.pack_text=False",
                                "retrieval.swap_groups=('circle cross',)"])
   batch = next(iter(train_encoder.pair_dataset(Quadrants(8), tokenizer, hard, 8, seed=0)))
   assert not batch["neg_mask"].any()

@@ -139,3 +139,38 @@ def test_two_processes_take_process_0s_time_budget(tmp_path):
   ckpt = Checkpointer(os.path.join(workdir, "decoder", "checkpoints"), config)
   assert ckpt.all_steps() == [51]
   ckpt.close()
+
+
+ENCODER_WORKER = """
+import json, sys
+from cm3leon_jax.train.trainer import maybe_initialize_distributed
+maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[4]))
+from cm3leon_jax import configs
+from cm3leon_jax.retrieval import train_encoder
+from tests.test_encoder import COLOURS, CORNERS, Quadrants
+from cm3leon_jax.tokenizers.text import TextTokenizer
+tokenizer = TextTokenizer.train([f"a {c} square at the {k}" for c in COLOURS for k in CORNERS] * 4,
+                                vocab_size=300, min_frequency=1)
+config = configs.load("tiny", ["retrieval.hard_negatives=1.0", "train.checkpoint_every=1000",
+                               "retrieval.swap_groups=('red green blue yellow',)",
+                               f"retrieval.pack_text={sys.argv[3]}"])
+last = train_encoder.train(config, Quadrants(256), tokenizer, sys.argv[2], steps=3,
+                           progress=False, log_every=1)
+print("LAST " + json.dumps(last))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_encoder_on_packed_texts_as_on_unpacked(tmp_path):
+  """Each process packs its own captions and hard negatives (owners in the global batch's
+  order, rows padded to the larger count): the same loss as one text per row."""
+  losses = {}
+  for packed in (True, False):
+    args = [sys.executable, "-c", ENCODER_WORKER, f"localhost:{free_port()}",
+            str(tmp_path / f"packed-{packed}"), str(packed)]
+    outputs = run_two_processes(args, ENV, extra=(["0"], ["1"]))
+    last = [json.loads(o.split("LAST ")[-1].splitlines()[0]) for o in outputs]
+    assert last[0]["step"] == last[1]["step"] == 3
+    assert last[0]["loss"] == last[1]["loss"]  # one global step, seen alike by both
+    losses[packed] = last[0]["loss"]
+  assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Hard negatives (NegCLIP, data/word_swap.py): with this probability a pair also gets its
   # caption with one word of `swap_groups` swapped, an extra negative for its image. 0 = CLIP.
   c.retrieval.hard_negatives = 0.0
+  # Encoder training packs several captions per row of the text tower (retrieval/
+  # text_packing.py: the same embeddings, fewer padding slots). False: one caption per row.
+  c.retrieval.pack_text = True
   c.retrieval.swap_groups = (" ".join(shapes.COLOUR_NAMES), " ".join(shapes.SHAPES),
                              " ".join(shapes.SIZE_NAMES))
   c.retrieval.learning_rate = 5e-4

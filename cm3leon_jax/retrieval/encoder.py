@@ -9,6 +9,9 @@ No pretrained CLIP can be downloaded here, so the project trains its own (train_
 A document embedding is the mean of its normalised text and image embeddings (either alone for
 a single-modality document). Masks let query dropout remove text tokens and image patches.
 
+Training feeds the text tower packed rows, several texts per row (text_packing.py,
+`embed_packed_text`): the same embeddings as one text per row, with fewer padding slots.
+
 `Embedder` is the host-side wrapper every job uses (tokenise, batch, jit, numpy out);
 `Embedder.score(images, texts)` is the re-ranking API.
 """
@@ -89,11 +92,12 @@ class Block(nnx.Module):
     self.fc1 = _linear(width, 4 * width, ("embed", "mlp"), rngs)
     self.fc2 = _linear(4 * width, width, ("mlp", "embed"), rngs)
 
-  def __call__(self, x_BTD, mask_BT):
+  def __call__(self, x_BTD, mask_BT=None, mask_B1TT=None):
+    """`mask_BT`: the keys each query may see (padding off); or `mask_B1TT`, query by key."""
     B, T, D = x_BTD.shape
     qkv = self.qkv(self.ln1(x_BTD)).reshape(B, T, 3, self.heads, D // self.heads)
-    a_BTNH = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                          mask=mask_BT[:, None, None, :])
+    mask = mask_BT[:, None, None, :] if mask_B1TT is None else mask_B1TT
+    a_BTNH = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=mask)
     x_BTD = x_BTD + self.out(a_BTNH.reshape(B, T, D))
     return x_BTD + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x_BTD))))
 
@@ -115,6 +119,21 @@ class Tower(nnx.Module):
     w_BT1 = mask_BT[..., None].astype(x_BTD.dtype)
     pooled_BD = (self.ln(x_BTD) * w_BT1).sum(1) / jnp.maximum(w_BT1.sum(1), 1.0)
     return l2_normalize(self.proj(pooled_BD))
+
+  def packed(self, x_RLD, positions_RL, segments_RL, owners_RL, num: int):
+    """Several inputs per row (retrieval/text_packing.py) -> unit [num, embed_dim], the same
+    embeddings as one input per row: positions restart per input, attention stays inside a
+    segment (padding slots, segment 0, see only each other) and the mean pools per owner."""
+    x_RLD = x_RLD + self.pos[positions_RL]
+    mask_R1LL = (segments_RL[:, None, :, None] == segments_RL[:, None, None, :])
+    for block in self.blocks:
+      x_RLD = block(x_RLD, mask_B1TT=mask_R1LL)
+    owners_T = owners_RL.reshape(-1)  # num = padding: pooled into a dropped extra row
+    sums_ND = jax.ops.segment_sum(self.ln(x_RLD).reshape(owners_T.shape[0], -1), owners_T,
+                                  num_segments=num + 1)[:num]
+    counts_N = jax.ops.segment_sum(jnp.ones_like(owners_T, x_RLD.dtype), owners_T,
+                                   num_segments=num + 1)[:num]
+    return l2_normalize(self.proj(sums_ND / jnp.maximum(counts_N, 1.0)[:, None]))
 
 
 class DualEncoder(nnx.Module):
@@ -143,6 +162,11 @@ class DualEncoder(nnx.Module):
   def embed_text(self, ids_BL, mask_BL):
     """ids_BL: int32 local text ids; mask_BL: bool. Returns unit [B, embed_dim]."""
     return self.text(self.token_embed(ids_BL), mask_BL)
+
+  def embed_packed_text(self, ids_RL, positions_RL, segments_RL, owners_RL, num: int):
+    """Packed texts (retrieval/text_packing.py) -> unit [num, embed_dim], as `embed_text`
+    would embed them one per row; what encoder training feeds the text tower."""
+    return self.text.packed(self.token_embed(ids_RL), positions_RL, segments_RL, owners_RL, num)
 
   def embed_image(self, pixels_BHWC, patch_mask_BP=None):
     """pixels: uint8 [B, H, W, 3]; patch_mask_BP: bool per patch (row-major). Unit [B, E]."""

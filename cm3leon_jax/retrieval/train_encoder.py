@@ -7,8 +7,9 @@ tokenizer (with `retrieval.hard_negatives`, also each caption with one `swap_gro
 swapped: an extra negative of its image, NegCLIP), and trains data-parallel on the config's
 ('data', 'fsdp', 'tensor') mesh: the global batch is split over data x fsdp, parameters follow
 the logical axis rules, and the InfoNCE logits span the whole global batch (XLA gathers the
-embeddings). Orbax checkpoints hold the model, the optimizer and the Grain iterator, so an
-interrupted run resumes exactly.
+embeddings). With `retrieval.pack_text` (default) the captions and negatives reach the text
+tower packed several per row (text_packing.py). Orbax checkpoints hold the model, the
+optimizer and the Grain iterator, so an interrupted run resumes exactly.
 Checkpoints and metrics.jsonl go to `artifacts(config).retriever`.
 """
 
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from cm3leon_jax.data import word_swap
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.paths import artifacts
+from cm3leon_jax.retrieval import text_packing
 from cm3leon_jax.retrieval.encoder import DualEncoder, EncoderConfig, Embedder, info_nce, tokenize
 from cm3leon_jax.train import mesh as mesh_lib
 
@@ -92,9 +94,35 @@ class _Prepare(grain.transforms.RandomMap):
     return out
 
 
+class _PackTexts(grain.transforms.Map):
+  """A tokenised batch -> the same batch with its captions (and hard negatives) packed several
+  per row (retrieval/text_packing.py): keys image, text_ids / _positions / _segments /
+  _owners [R, L], and with hard negatives neg_valid [B]. Owners index the step's global text
+  order: every process's captions (process order), then every process's negatives."""
+
+  def __init__(self, global_batch: int):
+    self.global_batch = global_batch
+
+  def map(self, batch):
+    b = batch["ids"].shape[0]
+    offset = jax.process_index() * b
+    ids, mask, owners = [batch["ids"]], [batch["mask"]], [offset + np.arange(b)]
+    out = {"image": batch["image"]}
+    if "neg_ids" in batch:
+      ids.append(batch["neg_ids"])
+      mask.append(batch["neg_mask"])
+      owners.append(self.global_batch + offset + np.arange(b))
+      out["neg_valid"] = batch["neg_mask"].any(axis=1)
+    packed = text_packing.pack(np.concatenate(ids), np.concatenate(mask), np.concatenate(owners),
+                               self.global_batch * len(ids), jax.local_device_count())
+    out.update({f"text_{k}": v for k, v in packed.items()})
+    return out
+
+
 def pair_dataset(source, tokenizer, config, local_batch: int, seed: int) -> grain.IterDataset:
   """Shuffled, repeated, tokenised batches of this process's share of `source` (random-access
-  pairs {'image': uint8 HxWx3, 'text': str|bytes})."""
+  pairs {'image': uint8 HxWx3, 'text': str|bytes}); with `retrieval.pack_text`, the texts
+  packed several per row (`_PackTexts`)."""
   if len(source) < local_batch:
     raise InputError(f"the training set has {len(source)} pairs, fewer than one batch of "
                      f"{local_batch} (--config.retrieval.batch_size)")
@@ -110,19 +138,39 @@ def pair_dataset(source, tokenizer, config, local_batch: int, seed: int) -> grai
   ds = ds.shuffle(seed=seed).repeat(None).random_map(prepare, seed=seed)
   # A few batches ahead is enough: grain's default (16 threads, 500 elements = 500 batches
   # here) kept building batches the run never used, on the cores the train step needs.
-  return ds.batch(local_batch, drop_remainder=True).to_iter_dataset(
-      grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  ds = ds.batch(local_batch, drop_remainder=True)
+  if r.get("pack_text", False):
+    ds = ds.map(_PackTexts(local_batch * jax.process_count()))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
 # --- Update step ----------------------------------------------------------------------------
-def make_train_step(graphdef, state_shardings, mesh, hard_negatives: bool = False):
-  batch_shardings = {"ids": mesh_lib.batch_sharding(mesh, 2), "mask": mesh_lib.batch_sharding(mesh, 2),
-                     "image": mesh_lib.batch_sharding(mesh, 4)}
-  if hard_negatives:
-    batch_shardings.update(neg_ids=batch_shardings["ids"], neg_mask=batch_shardings["mask"])
+def make_train_step(graphdef, state_shardings, mesh, hard_negatives: bool = False,
+                    packed: bool = False):
+  rows = mesh_lib.batch_sharding(mesh, 2)
+  if packed:
+    batch_shardings = {f"text_{k}": rows for k in ("ids", "positions", "segments", "owners")}
+    if hard_negatives:
+      batch_shardings["neg_valid"] = mesh_lib.batch_sharding(mesh, 1)
+  else:
+    batch_shardings = {"ids": rows, "mask": rows}
+    if hard_negatives:
+      batch_shardings.update(neg_ids=rows, neg_mask=rows)
+  batch_shardings["image"] = mesh_lib.batch_sharding(mesh, 4)
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
+
+    def packed_loss_fn(model):
+      image_BE = model.embed_image(batch["image"])
+      b = image_BE.shape[0]
+      texts_NE = model.embed_packed_text(batch["text_ids"], batch["text_positions"],
+                                         batch["text_segments"], batch["text_owners"],
+                                         b * (2 if hard_negatives else 1))
+      if not hard_negatives:
+        return info_nce(texts_NE, image_BE, model.logit_scale())
+      return info_nce(texts_NE[:b], image_BE, model.logit_scale(), texts_NE[b:],
+                      batch["neg_valid"])
 
     def loss_fn(model):
       text_BE = model.embed_text(batch["ids"], batch["mask"])
@@ -133,7 +181,8 @@ def make_train_step(graphdef, state_shardings, mesh, hard_negatives: bool = Fals
       return info_nce(text_BE, image_BE, model.logit_scale(), neg_BE,
                       batch["neg_mask"].any(axis=1))
 
-    (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    (loss, accuracy), grads = nnx.value_and_grad(packed_loss_fn if packed else loss_fn,
+                                                 has_aux=True)(model)
     optimizer.update(model, grads)
     metrics = {"loss": loss, "accuracy": accuracy, "temperature": 1.0 / model.logit_scale()}
     return nnx.state((model, optimizer)), metrics
@@ -180,7 +229,9 @@ def train(config, source, tokenizer, directory: str | None = None, steps: int | 
     nnx.update(optimizer, restored["optimizer"])
     graphdef, state = nnx.split((model, optimizer))
 
-  step_fn = make_train_step(graphdef, state_shardings, mesh, hard_negatives=r.hard_negatives > 0)
+  packed = bool(r.get("pack_text", False))
+  step_fn = make_train_step(graphdef, state_shardings, mesh, hard_negatives=r.hard_negatives > 0,
+                            packed=packed)
   metrics_path = os.path.join(directory, "metrics.jsonl")
   # A finished run resumed with nothing left to do reports its last logged metrics, not NaNs.
   last = _last_logged(metrics_path, start) if start >= steps else {}
@@ -189,7 +240,10 @@ def train(config, source, tokenizer, directory: str | None = None, steps: int | 
   t0 = time.time()
   with open(metrics_path, "a") as metrics_file:
     for step in bar:
-      batch = mesh_lib.global_batch(next(data_iter), mesh)
+      batch = next(data_iter)
+      if packed and jax.process_count() > 1:  # one global shape: every process's row count
+        batch = _same_rows(batch, r.hard_negatives > 0, r.batch_size)
+      batch = mesh_lib.global_batch(batch, mesh)
       state, metrics = step_fn(state, batch)
       done = step + 1
       if done % log_every == 0 or done == steps:
@@ -208,6 +262,15 @@ def train(config, source, tokenizer, directory: str | None = None, steps: int | 
   manager.wait_until_finished()
   manager.close()
   return last
+
+
+def _same_rows(batch: dict, hard_negatives: bool, global_batch: int) -> dict:
+  """This process's packed batch padded to the most rows any process packed this step."""
+  from jax.experimental import multihost_utils
+  rows = int(np.max(multihost_utils.process_allgather(np.int32(batch["text_ids"].shape[0]))))
+  texts = {k[len("text_"):]: v for k, v in batch.items() if k.startswith("text_")}
+  padded = text_packing.pad_rows(texts, rows, global_batch * (2 if hard_negatives else 1))
+  return {**batch, **{f"text_{k}": v for k, v in padded.items()}}
 
 
 def _last_logged(metrics_path: str, step: int) -> dict:
