@@ -118,13 +118,13 @@ def test_quickstart_gives_the_decoder_what_the_stages_before_it_left():
   config = configs.load("quickstart", [])
   state = {"done": {"data": 10.0, "VQ tokenizer": 200.0, "dual encoder": 260.0}}
   assert quickstart.decoder_budget_overrides(config, state) == [
-      "--config.train.time_budget_s=400.0"]  # 870 - 470
+      "--config.train.time_budget_s=360.0"]  # 830 - 470
   # an earlier, interrupted decoder's own seconds are not counted against it, nor an earlier
   # run's evaluation (`cm3leon quickstart --redo decoder ...`)
   state["done"]["decoder"] = 500.0
   state["done"]["generate + evaluate"] = 80.0
   assert quickstart.decoder_budget_overrides(config, state) == [
-      "--config.train.time_budget_s=400.0"]
+      "--config.train.time_budget_s=360.0"]
   spent = {"done": {"VQ tokenizer": 1000.0}}
   assert quickstart.decoder_budget_overrides(config, spent) == [
       "--config.train.time_budget_s=1.0"]
