@@ -230,6 +230,8 @@ def train(config, source, tokenizer, directory: str | None = None, steps: int | 
     graphdef, state = nnx.split((model, optimizer))
 
   packed = bool(r.get("pack_text", False))
+  if packed:
+    _check_process_rows(mesh, r.batch_size)
   step_fn = make_train_step(graphdef, state_shardings, mesh, hard_negatives=r.hard_negatives > 0,
                             packed=packed)
   metrics_path = os.path.join(directory, "metrics.jsonl")
@@ -262,6 +264,22 @@ def train(config, source, tokenizer, directory: str | None = None, steps: int | 
   manager.wait_until_finished()
   manager.close()
   return last
+
+
+def _check_process_rows(mesh, global_batch: int) -> None:
+  """Packed texts name their pair by global index, process p's pairs being p*b .. p*b+b-1
+  (`_PackTexts`): true where the mesh puts each process's devices on one block of the batch
+  axes in process order (every mesh train/mesh.py builds); anything else is a clear error."""
+  local = global_batch // jax.process_count()
+  index = mesh_lib.batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,))
+  starts = sorted({s[0].start or 0 for s in index.values()})
+  stops = sorted({s[0].stop or global_batch for s in index.values()})
+  expected = jax.process_index() * local
+  if starts[0] != expected or stops[-1] != expected + local or any(
+      a != b for a, b in zip(stops[:-1], starts[1:])):
+    raise InputError(f"--config.retrieval.pack_text: this mesh gives process "
+                     f"{jax.process_index()} batch rows {starts[0]}..{stops[-1]}, not one block "
+                     f"{expected}..{expected + local}; set --config.retrieval.pack_text=False")
 
 
 def _same_rows(batch: dict, hard_negatives: bool, global_batch: int) -> dict:
