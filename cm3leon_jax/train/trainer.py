@@ -177,6 +177,22 @@ def with_steps(config, steps: int, refit: tuple[int, int] | None = None):
   return c
 
 
+def _end(total_steps: int, start: int, max_steps: int | None) -> int:
+  """The step this call stops at: the run's length, or `max_steps` after where it started."""
+  return total_steps if max_steps is None else min(total_steps, start + int(max_steps))
+
+
+def _with_length(config, steps: int, refit: tuple[int, int] | None, ckpt, ts, state, mesh,
+                 eval_batches):
+  """(config, train state, train step, held-out loss step) for a new length fitted to a time
+  budget. The schedule is part of the optimizer (the graphdef) and of the compiled steps; the
+  config is the one saved with later checkpoints."""
+  config = ckpt.config = with_steps(config, steps, refit)
+  ts = TrainState(abstract_train_state(config, mesh).graphdef, state, ts.shardings)
+  step_fn, eval_fn, _ = _compiled(config, ts, mesh, eval_batches)
+  return config, ts, step_fn, eval_fn
+
+
 def _fit_to_budget(config, budget_s: float, t_call: float, timed_from: tuple[float, int],
                    step: int, compile_s: float, margin: float,
                    cap: int) -> tuple[int, float, float]:
@@ -244,7 +260,7 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   else:
     ts = init_train_state(config, mesh)
     start = 0
-  end = total_steps if max_steps is None else min(total_steps, start + int(max_steps))
+  end = _end(total_steps, start, max_steps)
 
   # --- Update step -------------------------------------------------------------------------
   step_fn, eval_fn, flops_per_step = _compiled(config, ts, mesh, eval_batches)
@@ -260,7 +276,8 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
   history, state, step, preempted = [], ts.state, start, False
   last_time, last_step, compile_s = time.perf_counter(), start, None
   timed_from = None  # (time, step) once the first (compiling) step is done
-  # The re-fit (time_budget.py): its step, and (time, step) once the step after the fit is done.
+  # The re-fit (time_budget.py): its step, and (time, step) once the step after the fit is done
+  # (None until then).
   refit_at, refit_timed = None, None
   # Only Grain iterators can be checkpointed; others (plain generators) restart on resume.
   saved_iter = data_iter if hasattr(data_iter, "get_state") else None
@@ -312,7 +329,7 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
           refit_at, refit_timed = None, None
           step_fn, eval_fn, flops_per_step = _compiled(config, ts, mesh, eval_batches)
           total_steps = int(config.train.steps)
-          end = total_steps if max_steps is None else min(total_steps, int(max_steps))
+          end = _end(total_steps, 0, max_steps)
           history = []
           writer.write(0, {"num_layers": layers, "restarted_for_time_budget": 1})
           bar.reset(total=end)
@@ -320,20 +337,19 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
           continue
         if jax.process_index() == 0:
           time_budget.save(paths["root"], fitted)
-        refit_at, refit_timed = time_budget.refit_step(fitted), "next"
+        refit_at = time_budget.refit_step(fitted)
         if fitted["steps"] < total_steps:
           log.warning("time budget %.0f s: %d of %d steps fit (%.3f s per step, %.0f s used); "
                       "the schedule now decays over %d steps", budget_s, fitted["steps"],
                       total_steps, fitted["step_s"], fitted["elapsed_s"], fitted["steps"])
           total_steps = int(fitted["steps"])
-          config = ckpt.config = with_steps(config, total_steps)  # saved with checkpoints
-          # The schedule is part of the optimizer (graphdef) and of the compiled step.
-          ts = TrainState(abstract_train_state(config, mesh).graphdef, state, ts.shardings)
-          step_fn, eval_fn, _ = _compiled(config, ts, mesh, eval_batches)
-          end = min(end, total_steps)
+          config, ts, step_fn, eval_fn = _with_length(config, total_steps, None, ckpt, ts,
+                                                      state, mesh, eval_batches)
+          end = _end(total_steps, start, max_steps)
           bar.total = end
           bar.refresh()
-      elif refit_timed == "next":  # the step after the fit (and its recompilation) is done
+      elif refit_at is not None and refit_timed is None:
+        # The step after the fit (and its recompilation) is done: the re-fit times from here.
         jax.block_until_ready(metrics)
         refit_timed = (time.perf_counter(), step)
       elif refit_at is not None and step == refit_at:
@@ -351,11 +367,11 @@ def train(config, data_iter: Iterator[dict], *, max_steps: int | None = None,
           log.warning("time budget %.0f s: re-fitted at step %d from %d to %d steps (%.3f s per "
                       "step since step %d, %.0f s used); the schedule's rest stretches over "
                       "them", budget_s, step, total_steps, steps, step_s, refit_timed[1], used_s)
-          config = ckpt.config = with_steps(config, steps, time_budget.schedule_refit(fitted))
           total_steps = steps
-          ts = TrainState(abstract_train_state(config, mesh).graphdef, state, ts.shardings)
-          step_fn, eval_fn, _ = _compiled(config, ts, mesh, eval_batches)
-          end = total_steps if max_steps is None else min(total_steps, start + int(max_steps))
+          config, ts, step_fn, eval_fn = _with_length(config, total_steps,
+                                                      time_budget.schedule_refit(fitted), ckpt,
+                                                      ts, state, mesh, eval_batches)
+          end = _end(total_steps, start, max_steps)
           bar.total = end
           bar.refresh()
       evaluate = eval_fn is not None and (step == end or (eval_every > 0
