@@ -59,6 +59,29 @@ def test_texts_that_do_not_start_their_row_or_overflow_it_are_clear_errors():
     text_packing.rows_needed([5], 4)
 
 
+@pytest.mark.parametrize("rows", [[slice(8, 12), slice(12, 16)], [slice(12, 16), slice(8, 12)],
+                                  [slice(8, 16)]])
+def test_a_process_whose_devices_hold_its_own_block_of_rows_may_pack(rows):
+  # process 1 of 2, 16 rows: its packed owners are 8..15, whatever the order of its devices
+  train_encoder.check_row_block(rows, process=1, processes=2, global_batch=16)
+
+
+@pytest.mark.parametrize("rows,held", [([slice(0, 4), slice(4, 8)], "0..8"),
+                                       ([slice(8, 12), slice(0, 4)], "0..12"),
+                                       ([slice(8, 12), slice(14, 16)], "8..16")])
+def test_a_mesh_that_interleaves_processes_rows_is_a_clear_error_before_packing(rows, held):
+  # process 1 of 2 must hold rows 8..15: the first batch's rows, a gap, a hole are each refused
+  with pytest.raises(InputError, match=f"rows {held}, not one block 8..16.*pack_text=False"):
+    train_encoder.check_row_block(rows, process=1, processes=2, global_batch=16)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 4, 1), (2, 2, 2), (8, 1, 1)])
+def test_every_mesh_of_one_process_may_pack(shape):
+  config = configs.load("tiny")
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
+  train_encoder._check_process_rows(make_mesh(config.mesh), 16)
+
+
 def test_pad_rows_appends_empty_rows_owned_by_no_text():
   ids, mask = left_aligned([3, 2], 4)
   out = text_packing.pad_rows(text_packing.pack(ids, mask, np.arange(2), 2), 16, 2)

@@ -270,16 +270,24 @@ def _check_process_rows(mesh, global_batch: int) -> None:
   """Packed texts name their pair by global index, process p's pairs being p*b .. p*b+b-1
   (`_PackTexts`): true where the mesh puts each process's devices on one block of the batch
   axes in process order (every mesh train/mesh.py builds); anything else is a clear error."""
-  local = global_batch // jax.process_count()
   index = mesh_lib.batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,))
-  starts = sorted({s[0].start or 0 for s in index.values()})
-  stops = sorted({s[0].stop or global_batch for s in index.values()})
-  expected = jax.process_index() * local
+  check_row_block([s[0] for s in index.values()], jax.process_index(), jax.process_count(),
+                  global_batch)
+
+
+def check_row_block(row_slices, process: int, processes: int, global_batch: int) -> None:
+  """`row_slices`: the batch rows of each of `process`'s devices (slices of `global_batch`).
+  Together they must be one block, process * b .. process * b + b - 1 (b = global_batch /
+  processes), the rows packed texts' owners assume; else a clear error."""
+  local = global_batch // processes
+  starts = sorted({s.start or 0 for s in row_slices})
+  stops = sorted({global_batch if s.stop is None else s.stop for s in row_slices})
+  expected = process * local
   if starts[0] != expected or stops[-1] != expected + local or any(
       a != b for a, b in zip(stops[:-1], starts[1:])):
-    raise InputError(f"--config.retrieval.pack_text: this mesh gives process "
-                     f"{jax.process_index()} batch rows {starts[0]}..{stops[-1]}, not one block "
-                     f"{expected}..{expected + local}; set --config.retrieval.pack_text=False")
+    raise InputError(f"--config.retrieval.pack_text: this mesh gives process {process} batch "
+                     f"rows {starts[0]}..{stops[-1]}, not one block {expected}..{expected + local}"
+                     "; set --config.retrieval.pack_text=False")
 
 
 def _same_rows(batch: dict, hard_negatives: bool, global_batch: int) -> dict:
