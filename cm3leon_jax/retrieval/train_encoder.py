@@ -44,7 +44,8 @@ ITEMS = ("model", "optimizer", "data")
 def make_optimizer(config, steps: int) -> optax.GradientTransformation:
   r = config.retrieval
   warmup = max(1, min(steps // 10, 500))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, r.learning_rate, warmup, max(steps, warmup + 1),
+  schedule = optax.warmup_cosine_decay_schedule(0.0, r.learning_rate, warmup,
+                                                max(steps, warmup + 1),
                                                 end_value=r.learning_rate * 0.1)
   # CLIP's recipe: AdamW with a short beta2 horizon; no decay on the temperature.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
