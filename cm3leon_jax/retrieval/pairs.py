@@ -7,6 +7,8 @@ documents of `cm3leon encode`, so neighbour ids are token-document ids).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from cm3leon_jax.errors import InputError
@@ -50,3 +52,45 @@ def read_chunk(source, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
 
 def take(source, n: int) -> tuple[np.ndarray, list[str]]:
   return read_chunk(source, 0, min(n, len(source)))
+
+
+class HeldPairs:
+  """Items `indices` of `source`, each read (and decoded) on first use and then held in memory
+  as {'image': uint8 [H, W, 3], 'text': str}: a training run that goes over the same pairs
+  every epoch reads each once, and the first epoch's reads still run on the input pipeline's
+  threads, beside the train step. An item without an image or a text, or with an image of
+  another shape than the first item's, is an InputError naming it."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    self.source, self.indices = source, indices
+    self._items: list[dict | None] = [None] * len(indices)
+    self._shape = None
+
+  @classmethod
+  def fitting(cls, source, indices: Sequence[int], limit_mb: float) -> "HeldPairs | None":
+    """HeldPairs of `indices`, or None when their images would take more than `limit_mb` MiB
+    (judged by the first item's) or limit_mb <= 0."""
+    if limit_mb <= 0 or not len(indices):
+      return None
+    held = cls(source, indices)
+    return held if held[0]["image"].nbytes * len(indices) <= limit_mb * 2**20 else None
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, n: int) -> dict:
+    item = self._items[n]
+    if item is None:
+      i = self.indices[n]
+      example = self.source[i]
+      try:
+        item = {"image": np.asarray(example["image"], np.uint8), "text": _text(example)}
+      except KeyError as e:
+        raise InputError(f"pair source item {i}: no {e} field (need 'image' and 'text')") from None
+      if self._shape is None:
+        self._shape = item["image"].shape
+      elif item["image"].shape != self._shape:
+        raise InputError(f"pair source item {i}: image of shape {item['image'].shape}, not "
+                         f"{self._shape} like the items before it")
+      self._items[n] = item
+    return item
