@@ -76,6 +76,27 @@ def test_incompatible_config_is_a_clear_error(saved):
   ckpt.close()
 
 
+def test_a_resumed_run_takes_the_worker_count_its_saved_pipeline_position_needs(saved):
+  directory = saved[0]  # saved by a config with data.num_workers=0 (tiny), with its iterator
+  config = tiny("mesh.data=8", "data.num_workers=2")
+  adopted = checkpoint.adopt_saved_workers(config, directory)
+  assert adopted.data.num_workers == 0
+  assert config.data.num_workers == 2  # a copy; the caller's config is untouched
+  assert adopted.model.to_dict() == config.model.to_dict()
+  same = tiny("mesh.data=8")
+  assert checkpoint.adopt_saved_workers(same, directory) is same
+
+
+def test_worker_counts_are_kept_where_no_pipeline_position_was_saved(tmp_path):
+  config = tiny("mesh.data=8", "data.num_workers=2")
+  assert checkpoint.adopt_saved_workers(config, str(tmp_path / "none")) is config
+  saved_by = tiny("mesh.data=8")  # num_workers 0, and no iterator saved
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), saved_by)
+  ckpt.save(1, init_train_state(saved_by, make_mesh(saved_by.mesh), seed=0).state)
+  ckpt.close()
+  assert checkpoint.adopt_saved_workers(config, str(tmp_path / "ckpt")) is config
+
+
 def test_restore_without_a_checkpoint_is_an_input_error(tmp_path):
   config = tiny("mesh.data=8")
   ckpt = Checkpointer(str(tmp_path / "empty"), config)

@@ -183,6 +183,12 @@ def get_config(arg=None):
   c.train.time_budget_min_steps = 5600
   c.train.time_budget_fallback_layers = 4
   c.train.batch_size = 4
+  # The decoder's batches built in the training process, not in Grain worker processes: on 2
+  # cores the workers compete with XLA's two threads (and take seconds to start). 4-layer
+  # decoder, 400 steps, same artifacts, two runs each (2-core EPYC, 2026-11-29): 2 workers
+  # 48.6-59.1 s, step 0.084-0.101 s; in-process 41.6-42.3 s, step 0.079-0.085 s. A run
+  # started with workers resumes with them (train/checkpoint.py adopt_saved_workers).
+  c.data.num_workers = 0
   c.train.log_every = 100
   c.train.eval_every = 1400
   c.train.checkpoint_every = 1400

@@ -209,6 +209,30 @@ def adopt_budget_depth(config, directory: str, step: int | None = None):
   return with_layers(config, int(layers), depth_from=int(origin))
 
 
+def adopt_saved_workers(config, directory: str):
+  """`config`, or a copy with the `data.num_workers` of the latest checkpoint in `directory`
+  where that differs: the input pipeline's saved position restores only into a pipeline with
+  the same worker processes (data/pipeline.py: a run is a function of config, data and
+  num_workers), so a run resumes with the count it started with (e.g. a quickstart decoder
+  started before its preset moved to in-process reading)."""
+  if not os.path.isdir(directory):
+    return config
+  ckpt = Checkpointer(directory, config, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    saved = ckpt.saved_config(step) if step is not None and ckpt._has_item(step, "data") else None
+  finally:
+    ckpt.close()
+  workers = _lookup(saved, "data.num_workers") if saved is not None else None
+  if workers is None or int(workers) == int(config.data.num_workers):
+    return config
+  log.warning("%s/%d: its input pipeline ran with data.num_workers=%d; resuming with that, "
+              "not %d", directory, step, workers, config.data.num_workers)
+  c = copy.deepcopy(config)
+  c.data.num_workers = int(workers)
+  return c
+
+
 def with_layers(config, layers: int, depth_from: int):
   """A copy of `config` with `layers` decoder layers, recorded as chosen in place of
   `depth_from` (train.time_budget_depth_from)."""

@@ -161,6 +161,9 @@ def run(args, config) -> int:
   if jax.process_index() == 0:
     print("sft mixture: " + ", ".join(f"{t.name} {t.weight:.3f}" for t in tasks))
   run_dir = artifacts(c).sft
+  if not args.no_resume:
+    from cm3leon_jax.train.checkpoint import adopt_saved_workers
+    c = adopt_saved_workers(c, trainer.run_paths(c, run_dir)["checkpoints"])
   result = trainer.train(c, pipeline.make_iterator(c, tasks, batch_size=batch),
                          max_steps=args.max_steps, resume=not args.no_resume,
                          eval_batches=eval_batches(c, batch), progress=progress,

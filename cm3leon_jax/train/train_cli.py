@@ -94,6 +94,9 @@ def run(args, config) -> int:
   if config.train.batch_size % jax.process_count():
     raise InputError(f"--config.train.batch_size={config.train.batch_size} is not divisible by "
                      f"{jax.process_count()} processes")
+  if not args.no_resume:
+    from cm3leon_jax.train.checkpoint import adopt_saved_workers
+    config = adopt_saved_workers(config, trainer.run_paths(config)["checkpoints"])
   result = trainer.train(config, data_iterator(config, args.synthetic), max_steps=args.max_steps,
                          resume=not args.no_resume,
                          eval_batches=eval_batches(config, args.synthetic),
