@@ -200,7 +200,8 @@ def adopt_budget_depth(config, directory: str, step: int | None = None):
     ckpt.close()
   if saved is None:
     return config
-  layers, origin = _lookup(saved, "model.num_layers"), _lookup(saved, "train.time_budget_depth_from")
+  layers = _lookup(saved, "model.num_layers")
+  origin = _lookup(saved, "train.time_budget_depth_from")
   current = int(config.model.num_layers)
   if not origin or layers is None or int(layers) == current or int(origin) != current:
     return config
