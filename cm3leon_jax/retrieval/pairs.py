@@ -32,16 +32,22 @@ def _text(example) -> str:
   return str(t)
 
 
+def read_pair(source, i: int) -> tuple[np.ndarray, str]:
+  """Item i as (image uint8 [H, W, 3], text); an item without either is an InputError."""
+  example = source[i]
+  try:
+    return np.asarray(example["image"], np.uint8), _text(example)
+  except KeyError as e:
+    raise InputError(f"pair source item {i}: no {e} field (need 'image' and 'text')") from None
+
+
 def read_chunk(source, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
   """Items [start, stop) as (images uint8 [n, H, W, 3], texts)."""
   images, texts = [], []
   for i in range(start, stop):
-    example = source[i]
-    try:
-      images.append(np.asarray(example["image"], np.uint8))
-      texts.append(_text(example))
-    except KeyError as e:
-      raise InputError(f"pair source item {i}: no {e} field (need 'image' and 'text')") from None
+    image, text = read_pair(source, i)
+    images.append(image)
+    texts.append(text)
   if not images:
     return np.zeros((0, 0, 0, 3), np.uint8), []
   shapes = {im.shape for im in images}
@@ -82,11 +88,8 @@ class HeldPairs:
     item = self._items[n]
     if item is None:
       i = self.indices[n]
-      example = self.source[i]
-      try:
-        item = {"image": np.asarray(example["image"], np.uint8), "text": _text(example)}
-      except KeyError as e:
-        raise InputError(f"pair source item {i}: no {e} field (need 'image' and 'text')") from None
+      image, text = read_pair(self.source, i)
+      item = {"image": image, "text": text}
       if self._shape is None:
         self._shape = item["image"].shape
       elif item["image"].shape != self._shape:

@@ -153,17 +153,17 @@ def pair_dataset(source, tokenizer, config, local_batch: int, seed: int) -> grai
     raise InputError(f"the training set has {len(source)} pairs, fewer than one batch of "
                      f"{local_batch} (--config.retrieval.batch_size)")
   r = config.retrieval
-  share = range(jax.process_index(), len(source), jax.process_count())
-  held = pairs.HeldPairs.fitting(source, share, float(r.get("pairs_in_memory_mb", 0)))
-  # The same items in the same order either way: the same batches.
-  ds = (grain.MapDataset.source(held) if held is not None
-        else grain.MapDataset.source(source)[jax.process_index()::jax.process_count()])
   if not 0.0 <= r.hard_negatives <= 1.0:
     raise InputError(f"--config.retrieval.hard_negatives={r.hard_negatives}: a probability, "
                      "expected 0..1")
   if r.hard_negatives > 0 and not word_swap.parse_groups(r.swap_groups):
     raise InputError("--config.retrieval.hard_negatives > 0 needs --config.retrieval.swap_groups "
                      "with a group of at least two words")
+  share = range(jax.process_index(), len(source), jax.process_count())
+  held = pairs.HeldPairs.fitting(source, share, float(r.get("pairs_in_memory_mb", 0)))
+  # The same items in the same order either way: the same batches.
+  ds = (grain.MapDataset.source(held) if held is not None
+        else grain.MapDataset.source(source)[jax.process_index()::jax.process_count()])
   prepare = _Prepare(tokenizer, r.text_max_len, r.hard_negatives, r.swap_groups)
   ds = ds.shuffle(seed=seed).repeat(None).random_map(prepare, seed=seed)
   # A few batches ahead is enough: grain's default (16 threads, 500 elements = 500 batches

@@ -183,6 +183,22 @@ SIGTERM_RECEIVED = threading.Event()
 _HANDLER_INSTALLED = [False]
 
 
+def _saved_config(config, directory: str, step: int | None = None,
+                  item: str | None = None) -> tuple[int | None, dict | None]:
+  """(step, the config saved with it) of the checkpoint `step` (default: the latest) in
+  `directory`; (step, None) where there is none, or it holds no `item`."""
+  if not os.path.isdir(directory):
+    return step, None
+  ckpt = Checkpointer(directory, config, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.all_steps() or (item and not ckpt._has_item(step, item)):
+      return step, None
+    return step, ckpt.saved_config(step)
+  finally:
+    ckpt.close()
+
+
 def adopt_budget_depth(config, directory: str, step: int | None = None):
   """`config`, or a copy with the decoder depth of the checkpoint in `directory` (default: its
   latest step) where the trainer chose that depth for a time budget in place of `config`'s
@@ -190,14 +206,7 @@ def adopt_budget_depth(config, directory: str, step: int | None = None):
   `model.num_layers`). So `cm3leon eval --config quickstart` loads the 4-layer decoder a slow
   machine's quickstart trained, while a depth set by hand that differs from a checkpoint's is
   still the clear "incompatible" error of `check_compatible`."""
-  if not os.path.isdir(directory):
-    return config
-  ckpt = Checkpointer(directory, config, async_save=False)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    saved = ckpt.saved_config(step) if step is not None and step in ckpt.all_steps() else None
-  finally:
-    ckpt.close()
+  step, saved = _saved_config(config, directory, step)
   if saved is None:
     return config
   layers = _lookup(saved, "model.num_layers")
@@ -216,14 +225,7 @@ def adopt_saved_workers(config, directory: str):
   the same worker processes (data/pipeline.py: a run is a function of config, data and
   num_workers), so a run resumes with the count it started with (e.g. a quickstart decoder
   started before its preset moved to in-process reading)."""
-  if not os.path.isdir(directory):
-    return config
-  ckpt = Checkpointer(directory, config, async_save=False)
-  try:
-    step = ckpt.latest_step()
-    saved = ckpt.saved_config(step) if step is not None and ckpt._has_item(step, "data") else None
-  finally:
-    ckpt.close()
+  step, saved = _saved_config(config, directory, item="data")
   workers = _lookup(saved, "data.num_workers") if saved is not None else None
   if workers is None or int(workers) == int(config.data.num_workers):
     return config
