@@ -41,3 +41,45 @@ def test_350m_train_step_compiles_for_two_v5e_slices_with_data_across_slices():
   # sequences is 32 shards x microbatches of 1 x 64 accumulation steps.
   assert cells[1:5] == ["2 x v5e:4x4", "32", "(2, 16, 1)", "1 x 64"]
   assert 1.0 < float(cells[6]) < 0.9 * float(cells[7]) and cells[8] == "yes"
+
+
+def _compile_check_module():
+  sys.path.insert(0, os.path.join(ROOT, "tpu"))
+  try:
+    import compile_check
+  finally:
+    sys.path.pop(0)
+  return compile_check
+
+
+def test_override_reaches_the_compiled_config_beside_the_plan(monkeypatch):
+  """`--override model.scan_layers=false` changes the config the train step is built from; the
+  plan's own fields (attention, remat, accumulation) still apply. Stopped before compiling."""
+  cc = _compile_check_module()
+  import jax
+  from jax.sharding import Mesh
+  import numpy as np
+  seen = {}
+  monkeypatch.setattr(cc, "tpu_mesh", lambda topology, mesh_config, num_slices=1: Mesh(
+      np.array(jax.devices()[:1]).reshape(1, 1, 1), cc.MESH_AXES))
+
+  def stop(config, mesh):
+    seen["config"] = config
+    raise RuntimeError("stop before compiling")
+
+  monkeypatch.setattr(cc, "abstract_train_state", stop)
+  with pytest.raises(RuntimeError, match="stop before compiling"):
+    cc.compile_one("cm3leon_350m", "v5e:4x4", 1, "dots_saveable",
+                   overrides=["model.scan_layers=false"])
+  config = seen["config"]
+  assert config.model.scan_layers is False
+  assert (config.model.attention, config.model.remat_policy) == ("splash", "dots_saveable")
+  assert config.train.grad_accum == 2048  # one device: the whole batch in microbatches of 1
+
+
+def test_a_bad_override_is_named_before_anything_compiles():
+  cc = _compile_check_module()
+  from cm3leon_jax.errors import InputError
+  with pytest.raises(InputError, match="no_such_field"):
+    cc.main(["--config", "cm3leon_350m", "--topology", "v5e:4x4",
+             "--override", "model.no_such_field=1"])

@@ -5,6 +5,7 @@
     python tpu/compile_check.py --config cm3leon_7b --topology v5p:4x4x8
     python tpu/compile_check.py --config cm3leon_350m --topology v5e:4x4 --micro-batch 4 --remat none
     python tpu/compile_check.py --config cm3leon_350m --topology v5e:4x4 --num-slices 2
+    python tpu/compile_check.py --config cm3leon_350m --override model.scan_layers=false
 
 For each (preset, topology) it builds the ('data', 'fsdp', 'tensor') mesh over the topology's
 devices, the abstract sharded train state (no parameters are allocated), and lowers and
@@ -34,6 +35,7 @@ import os
 import re
 import sys
 import time
+from typing import Sequence
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
@@ -101,8 +103,8 @@ def tpu_mesh(topology: str, mesh_config, num_slices: int = 1) -> Mesh:
 
 
 def compile_one(preset: str, topology: str, micro_batch: int, remat: str,
-                num_slices: int = 1) -> Result:
-  mesh_overrides = (f"mesh.data={num_slices}", "mesh.fsdp=-1", "mesh.tensor=1")
+                num_slices: int = 1, overrides: Sequence[str] = ()) -> Result:
+  mesh_overrides = (*overrides, f"mesh.data={num_slices}", "mesh.fsdp=-1", "mesh.tensor=1")
   base = configs.load(preset, list(mesh_overrides))
   mesh = tpu_mesh(topology, base.mesh, num_slices)
   label = f"{num_slices} x {topology}" if num_slices > 1 else topology  # the table's column
@@ -146,11 +148,12 @@ def compile_one(preset: str, topology: str, micro_batch: int, remat: str,
                 analytic / 1e12, compile_s)
 
 
-def fit(preset: str, topology: str, plans=PLANS, num_slices: int = 1) -> Result:
+def fit(preset: str, topology: str, plans=PLANS, num_slices: int = 1,
+        overrides: Sequence[str] = ()) -> Result:
   """The first plan (fastest first) whose per-device memory fits the chip's HBM."""
   result = None
   for micro_batch, remat in plans:
-    result = compile_one(preset, topology, micro_batch, remat, num_slices)
+    result = compile_one(preset, topology, micro_batch, remat, num_slices, overrides)
     print(format_row(result), flush=True)
     if result.fits:
       return result
@@ -179,6 +182,9 @@ def main(argv=None) -> int:
                  help="multislice: this many copies of each topology over DCN (data axis split)")
   p.add_argument("--micro-batch", type=int, default=None)
   p.add_argument("--remat", default=None, choices=("none", "dots_saveable", "nothing_saveable"))
+  p.add_argument("--override", action="append", default=[],
+                 help="a config override for every preset, e.g. model.scan_layers=false "
+                      "(repeatable; the mesh and the plan's fields are set by the plan)")
   args = p.parse_args(argv)
   if args.num_slices < 1:
     p.error(f"--num-slices {args.num_slices}: must be >= 1")
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
   chosen = []
   for preset in args.config:
     for topology in args.topology or DEFAULT_TOPOLOGIES.get(preset, ("v5p:2x2x2",)):
-      chosen.append(fit(preset, topology, plans, args.num_slices))
+      chosen.append(fit(preset, topology, plans, args.num_slices, args.override))
   print("\nchosen plans:")
   print(HEADER)
   print("|" + "---|" * (HEADER.count("|") - 1))
