@@ -23,6 +23,11 @@ def get_config(arg=None):
   c.model.seq_len = 1024
   c.model.dtype = "float32"
   c.model.remat_policy = "none"
+  # Layers unrolled, not scanned: 8 layers compile in seconds either way, and unrolled XLA keeps
+  # both CPU threads busy across layers (2-core AMD EPYC, 2026-11-29, experiments/bench/
+  # train_step.py --other-layers, one run: 6.093 s per step unrolled, 7.077 s scanned, PyTorch
+  # OPT 6.097 s; the threads idled ~21% of the scanned step). The paper presets keep scanning.
+  c.model.scan_layers = False
   c.train.batch_size = 4
   c.train.steps = 20
   c.workdir = "outputs/bench"
