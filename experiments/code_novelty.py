@@ -43,12 +43,19 @@ def object_windows(codes_G_G: np.ndarray, k: int) -> list[tuple[int, ...]]:
   return [w for w in windows(codes_G_G, k) if any(c != background for c in w)]
 
 
-def novelty(train_BGG: Iterable[np.ndarray], query_BGG: Sequence[np.ndarray], k: int) -> dict:
-  """Rates over the query images of codes and object windows that no training image holds."""
+def seen_patterns(train_BGG: Iterable[np.ndarray], k: int) -> tuple[set, set]:
+  """The codes and the k x k windows that occur in the training grids (built once per run)."""
   seen_codes, seen_windows = set(), set()
   for grid in train_BGG:
     seen_codes.update(int(c) for c in grid.reshape(-1))
     seen_windows.update(windows(grid, k))
+  return seen_codes, seen_windows
+
+
+def novelty(seen: tuple[set, set], query_BGG: Sequence[np.ndarray], k: int) -> dict:
+  """Rates over the query images of codes and object windows that no training image holds;
+  `seen`: `seen_patterns` of the training grids with the same k."""
+  seen_codes, seen_windows = seen
   n_codes = new_codes = n_windows = new_windows = with_new = 0
   for grid in query_BGG:
     n_codes += grid.size
@@ -104,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise InputError(f"--window {args.window}: must be >= 1")
     config = configs.load(args.config, [o[len("--config."):] for o in overrides])
     train = _grids(config, "train", None, single=False)
-    rows = {split: novelty(train, _grids(config, split, args.max_images, single=True),
+    seen = seen_patterns(train, args.window)
+    rows = {split: novelty(seen, _grids(config, split, args.max_images, single=True),
                            args.window) for split in args.splits}
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ def test_novelty_counts_new_codes_and_new_object_windows():
   # known, but side by side they form windows no training grid holds; code 9 is new.
   known = grid([[7, 0, 0], [0, 0, 0], [0, 0, 0]])
   novel = grid([[0, 0, 0], [0, 7, 8], [0, 0, 9]])
-  rates = cn.novelty(train, [known, novel], 2)
+  rates = cn.novelty(cn.seen_patterns(train, 2), [known, novel], 2)
   assert rates["images"] == 2
   assert rates["codes_new"] == 1 / 18  # the one 9 among 2 x 9 codes
   # Object windows: the first query's one, (7,0,0,0), is in training; the second query's four,
