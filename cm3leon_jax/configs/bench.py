@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.model.dtype = "float32"
   c.model.remat_policy = "none"
   # Layers unrolled, not scanned: 8 layers compile in seconds either way, and unrolled XLA keeps
-  # both CPU threads busy across layers (2-core AMD EPYC, 2026-11-29, experiments/bench/
+  # both CPU threads busier (2-core AMD EPYC, 2026-11-29, experiments/bench/
   # train_step.py --other-layers, one run: 6.093 s per step unrolled, 7.077 s scanned, PyTorch
   # OPT 6.097 s; the threads idled ~21% of the scanned step). The paper presets keep scanning.
   c.model.scan_layers = False

@@ -35,10 +35,9 @@ Measured with `python experiments/bench/train_step.py` on 2-core machines, days 
   0.88x. Then `--unrolled` (now `--other-layers`; the preset's model with
   `model.scan_layers=false` as a third row):
   JAX scanned 7.077 s (579 tokens/s, 62.9%), **unrolled 6.093 s (672 tokens/s, 73.1%)**, OPT
-  6.097 s (672): 0.86x scanned, 1.00x unrolled. A profile of the scanned step (jax.profiler,
-  both XLA threads): the matmul fusions at ~110 GFLOP/s per thread in both forms, but the
-  threads idle ~21% of the scanned step (the loop body's ops run one layer at a time) against
-  ~5% unrolled. The quickstart's 4-layer d = 96 decoder is the other way round (0.071-0.077 s
+  6.097 s (672): 0.86x scanned, 1.00x unrolled. A profile of both steps (jax.profiler, both XLA threads):
+  the matmul fusions take 7.8 s of thread time scanned and 9.3 s unrolled, but the threads idle
+  ~21% of the scanned step against ~5% unrolled (why the loop leaves them idle: not isolated). The quickstart's 4-layer d = 96 decoder is the other way round (0.071-0.077 s
   scanned vs 0.077-0.091 s unrolled, three interleaved pairs). So the `bench` preset now runs
   unrolled (configs/bench.py; the table's first row) and the others keep `scan_layers`.
   Run again with it (`--other-layers`, same machine, an hour later): JAX unrolled 6.251 s (655
