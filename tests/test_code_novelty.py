@@ -46,3 +46,13 @@ def test_a_workdir_without_a_dataset_is_one_error(tmp_path, capsys):
 def test_a_window_below_one_is_refused(capsys):
   assert cn.main(["--config", "tiny", "--window", "0"]) == 2
   assert "--window 0" in capsys.readouterr().err
+
+
+def test_factorised_tokens_are_measured_as_tokens_geometry_and_colour():
+  from cm3leon_jax import configs
+  parts = cn.factors(configs.load("tiny", ["vq.colour_codes=4"]))
+  tokens = grid([[13, 2], [4, 7]])  # token = g * 4 + c
+  assert list(parts) == ["tokens", "geometry", "colour"]
+  np.testing.assert_array_equal(parts["geometry"](tokens), [[3, 0], [1, 1]])
+  np.testing.assert_array_equal(parts["colour"](tokens), [[1, 2], [0, 3]])
+  assert list(cn.factors(configs.load("tiny"))) == ["tokens"]

@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.vq.num_res_blocks = 2
   c.vq.commitment_cost = 0.25
   c.vq.l2_normalize = True
+  # Colour-factorised codes (tokenizers/vq.py): > 0 gives each cell a geometry code (of
+  # codebook_size) and a colour code (of colour_codes, colour_dim wide); tokens = the product.
+  c.vq.colour_codes = 0
+  c.vq.colour_dim = 8
   c.vq.recon_loss = "l1"  # "l1" | "l2"
   c.vq.warmup_steps = 0  # linear LR warmup; 0: min(100, steps // 10) (400 on quickstart: no gain)
   c.vq.gan_weight = 0.1

@@ -24,9 +24,11 @@ from cm3leon_jax.errors import InputError
 def _token_nll(graphdef, params, ids_BL, segment_ids_BL, targets_BL, weights_BL):
   model = nnx.merge(graphdef, params)
   positions_BL = jnp.broadcast_to(jnp.arange(ids_BL.shape[1]), ids_BL.shape)
-  logp_BLV = jax.nn.log_softmax(model(ids_BL, positions_BL, segment_ids_BL).astype(jnp.float32), -1)
-  nll_BL = -jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
-  return (nll_BL * weights_BL).sum(-1)
+  # -log p(target) = log Z - the target's logit; with colour-factorised image codes without the
+  # [B, L, V] logits (model/decoder.py), which doubled the quickstart's binding probe.
+  x_BLD = model.hidden(ids_BL, positions_BL, segment_ids_BL)
+  log_z_BL, target_BL = model.log_z_and_target_logit(x_BLD, targets_BL)
+  return ((log_z_BL - target_BL) * weights_BL).sum(-1)
 
 
 def continuation_nll(model, prompts: Sequence[np.ndarray], continuations: Sequence[np.ndarray],

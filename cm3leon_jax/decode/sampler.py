@@ -130,8 +130,9 @@ def _filter(scores_BV, knobs: SamplerKnobs, spec: SamplerSpec, image_span=None):
   """top-k, then top-p. `image_span` = (image ids' start, end, inside): while `inside` (every row
   in an image, so every other id is -inf: `step_logits`) filter only the image ids' columns,
   then pad back. The same tokens survive; top-p's sort, the step's costliest op on a CPU for a
-  small decoder (quickstart: 59 of ~240 ms per 1,024-row step), then sorts the codebook, not
-  the vocabulary (256 of 803 ids there; 8k of 65k at 350M)."""
+  small decoder (quickstart with joint codes: 59 of ~240 ms per 1,024-row step), then sorts the
+  codebook, not the vocabulary (256 of 803 ids there; 8k of 65k at 350M). Colour-factorised
+  codes skip this inside images: `_factorised_image_token` sorts G and C scores apart."""
   whole = lambda s: top_p_filter(top_k_filter(s, spec.top_k), knobs.top_p_B)
   if image_span is None:
     return whole(scores_BV)
@@ -209,6 +210,29 @@ class _Carry(NamedTuple):
   image_index_SB: jax.Array  # image-position index of the last fed token (-1: not an image)
 
 
+def _factorised_image_token(model: Decoder, x_R1D, state, rng, knobs, spec, vocab):
+  """One image token per row for colour-factorised codes (model/decoder.py) while every live
+  row is inside an image: its geometry and colour codes are scored, guided, filtered and sampled
+  apart, token = image_start + g * C + c. The image logits are g + c, so inside an image the
+  model's distribution is p(g) p(c) and guidance (linear in log-probabilities) splits exactly
+  into one per factor; top-k / top-p / CD-K then act on each factor's distribution instead of
+  the joint's. Costs G + C head rows and sorts G and C scores, not G x C (8,192 at the
+  quickstart's 128 x 64: sampling over them took 148 s of a 953 s quickstart instead of ~30)."""
+  geo_RG, colour_RC = model.image_factor_logits(x_R1D)
+  keys = jax.random.split(rng, 2)
+  codes = []
+  for key, logits_RF in zip(keys, (geo_RG[:, 0], colour_RC[:, 0])):
+    F = logits_RF.shape[-1]
+    factor_spec = dataclasses.replace(spec, top_k=min(spec.top_k, F), cdk_k=min(spec.cdk_k, F))
+    logits_SBF = logits_RF.reshape(spec.num_streams, -1, F)
+    everything_BF = jnp.ones(logits_SBF.shape[1:], bool)
+    scores_BF = _combine(logits_SBF, everything_BF, knobs, factor_spec)
+    codes.append(sample(key, scores_BF, knobs.temperature_B))
+  tokens_B = vocab.image_start + codes[0] * model.cfg.image_colour_codes + codes[1]
+  state = C.update(state, tokens_B, vocab, spec.tokens_per_image, spec.stop_after_image)
+  return tokens_B.astype(jnp.int32), state
+
+
 def _step_token(logits_SBV, state, rng, step, prompts_len_B, knobs, spec, vocab):
   positions_B = prompts_len_B + step
   # A row ends at its prompt length + max_new_tokens (never past model.seq_len: pad_prompts).
@@ -236,8 +260,12 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, prompt_index
   sizes = cache_windows(width, spec.max_new_tokens, spec.cache_window)
   cache = init_cache(model, rows, sizes[0])
   layers = layer_params(model)  # sliced once here, not in every step of the loop
-  w_VD = model.head_weight()
-  w_image_ID = w_VD[vocab.image_start:vocab.image_end] if spec.image_head else None
+  # Colour-factorised image codes: inside an image, factor by factor; elsewhere the head's own
+  # factorised logits (w_VD None; model.logits).
+  factorised = bool(model.cfg.image_colour_codes) and spec.image_head
+  w_VD = None if model.cfg.image_colour_codes else model.head_weight()
+  w_image_ID = (w_VD[vocab.image_start:vocab.image_end]
+                if spec.image_head and not factorised else None)
   if model.cfg.tokens_per_image and prompt_index is None:
     prompt_index = model.image_index(prompt_ids)  # once, for the prefill and the loop's start
   logits, cache = forward_cached(model, cache, prompt_ids, prompt_pos, prompt_seg, jnp.int32(0),
@@ -265,10 +293,18 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, prompt_index
     x_R1D, cache = forward_cached(model, c.cache, tokens_SB, positions,
                                   jnp.ones_like(tokens_SB), width + c.step - 1, layers,
                                   image_index_SB[:, None], hidden=True)
-    logits_RV = step_logits(model, x_R1D, c.state, w_VD, w_image_ID, vocab)
-    logits_SBV = logits_RV.reshape(spec.num_streams, batch, -1)
-    tokens_B, state = _step_token(logits_SBV, c.state, key, c.step, lengths_B, knobs, spec,
-                                  vocab)
+    def any_token(x_R1D, state):
+      logits_RV = step_logits(model, x_R1D, state, w_VD, w_image_ID, vocab)
+      logits_SBV = logits_RV.reshape(spec.num_streams, batch, -1)
+      return _step_token(logits_SBV, state, key, c.step, lengths_B, knobs, spec, vocab)
+
+    if factorised:
+      inside = jnp.all((c.state.image_left_B > 0) & ~c.state.done_B)
+      tokens_B, state = jax.lax.cond(
+          inside, lambda x, st: _factorised_image_token(model, x, st, key, knobs, spec, vocab),
+          any_token, x_R1D, c.state)
+    else:
+      tokens_B, state = any_token(x_R1D, c.state)
     out_BT = c.out_BT.at[:, c.step].set(tokens_B)
     return _Carry(c.step + 1, cache, tokens_B, state, rng, out_BT, image_index_SB)
 

@@ -64,6 +64,9 @@ class DecoderConfig:
   tokens_per_image: int = 0
   image_start: int = 0
   image_end: int = 0
+  # Colour-factorised image codes (`vq.colour_codes` = C > 0, tokenizers/vq.py): image id
+  # image_start + g * C + c is embedded (and, tied, scored) as geo[g] + colour[c].
+  image_colour_codes: int = 0
 
   @classmethod
   def from_config(cls, config) -> "DecoderConfig":
@@ -82,9 +85,14 @@ class DecoderConfig:
       raise InputError(f"--config.model.attention={m.attention!r}: expected one of {BACKENDS}")
     from cm3leon_jax.train.mesh import axis_rules  # the one place rules are normalised
     from cm3leon_jax.configs.base import tokens_per_image
+    from cm3leon_jax.tokenizers.vq import colour_codes
     vocab = Vocab.from_config(config)
-    image = dict(tokens_per_image=tokens_per_image(config), image_start=vocab.image_start,
-                 image_end=vocab.image_end) if m.image_positions else {}
+    image = dict(image_start=vocab.image_start, image_end=vocab.image_end,
+                 tokens_per_image=tokens_per_image(config) if m.image_positions else 0,
+                 image_colour_codes=colour_codes(config.vq))
+    if image["image_colour_codes"] and not m.tie_embeddings:
+      raise InputError(f"--config.model.tie_embeddings=False: colour-factorised image codes "
+                       f"(vq.colour_codes={image['image_colour_codes']}) need the tied head")
     return cls(vocab_size=vocab.size, num_layers=m.num_layers,
                d_model=m.d_model, num_heads=m.num_heads, head_dim=m.head_dim, d_ff=m.d_ff,
                seq_len=m.seq_len, activation=m.activation, tie_embeddings=m.tie_embeddings,
@@ -139,9 +147,33 @@ class Decoder(nnx.Module):
     if cfg.tokens_per_image:
       self.image_pos_embed = _param(rngs, (cfg.tokens_per_image, cfg.d_model), (None, "embed"),
                                     cfg.pos_init_std, dtype)
+    if cfg.image_colour_codes:
+      # The embedding's own image rows go unused (they stay in the table so ids keep their rows).
+      geo, colour = self.image_factors()
+      self.image_geo_embed = _param(rngs, (geo, cfg.d_model), (None, "embed"), cfg.init_std,
+                                    dtype)
+      self.image_colour_embed = _param(rngs, (colour, cfg.d_model), (None, "embed"),
+                                       cfg.init_std, dtype)
     self.layers = StackedLayers(cfg, rngs)
     if not cfg.tie_embeddings:
       self.head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 0.0, dtype)
+
+  def image_factors(self) -> tuple[int, int]:
+    """(G, C): geometry and colour codes of colour-factorised image ids."""
+    cfg = self.cfg
+    return (cfg.image_end - cfg.image_start) // cfg.image_colour_codes, cfg.image_colour_codes
+
+  def token_table(self):
+    """The [V, D] token embedding (param dtype). Colour-factorised: image rows are
+    geo[g] + colour[c], so a never-seen (g, c) pair is embedded from seen parts."""
+    table_VD = self.embed[...]
+    if not self.cfg.image_colour_codes:
+      return table_VD
+    geo, colour = self.image_factors()
+    image_GCD = self.image_geo_embed[...][:, None, :] + self.image_colour_embed[...][None, :, :]
+    return jnp.concatenate([table_VD[:self.cfg.image_start],
+                            image_GCD.reshape(geo * colour, -1),
+                            table_VD[self.cfg.image_end:]], axis=0)
 
   @property
   def shard(self) -> L.Sharder:
@@ -168,7 +200,7 @@ class Decoder(nnx.Module):
     place) and by the sampler (one token at a time). Only image tokens use it."""
     # Gather the embedding dimension first (as FSDP does for every weight) but keep the vocab
     # split: without this, GSPMD replicates the whole lookup ("involuntary full remat").
-    table = self.shard(self.embed[...], ("vocab", None))
+    table = self.shard(self.token_table(), ("vocab", None))
     pos = self.shard(self.pos_embed[...], (None, None))
     x_BLD = jnp.take(table, inputs_BL, axis=0)
     x_BLD = x_BLD + jnp.take(pos, positions_BL, axis=0)
@@ -187,7 +219,7 @@ class Decoder(nnx.Module):
 
   def head_weight(self):
     """The LM head as [V, D] in the compute dtype (the token embedding when tied)."""
-    w_VD = self.embed[...] if self.cfg.tie_embeddings else self.head[...].T
+    w_VD = self.token_table() if self.cfg.tie_embeddings else self.head[...].T
     return w_VD.astype(self.cfg.dtype)
 
   def logits(self, x_BLD, w_VD=None):
@@ -196,8 +228,32 @@ class Decoder(nnx.Module):
     `w_VD`: rows of `head_weight()` (e.g. only the image codes, decode/sampler.py) to score
     those tokens alone; logits [B, L, rows]."""
     h_BLD = L.layer_norm(x_BLD)
+    if w_VD is None and self.cfg.image_colour_codes:
+      return self.shard(self._factorised_logits(h_BLD), ("batch", "length", "vocab"))
     w_VD = self.head_weight() if w_VD is None else w_VD
     return self.shard(lm_head(h_BLD, w_VD), ("batch", "length", "vocab"))
+
+  def image_factor_logits(self, x_BLD):
+    """Colour-factorised codes: (geometry logits [B, L, G], colour logits [B, L, C]), float32;
+    image id image_start + g * C + c has logit geo[g] + colour[c]."""
+    h_BLD = L.layer_norm(x_BLD)
+    dtype = jnp.dtype(self.cfg.dtype)
+    return (lm_head(h_BLD, self.image_geo_embed[...].astype(dtype)),
+            lm_head(h_BLD, self.image_colour_embed[...].astype(dtype)))
+
+  def _factorised_logits(self, h_BLD):
+    """The same logits as the full head, h . (geo[g] + colour[c]) = h . geo[g] + h . colour[c],
+    with G + C head rows for the G x C image ids instead of G x C (the head would otherwise
+    cost more than the quickstart decoder's layers)."""
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    w_VD = self.embed[...].astype(dtype)
+    geo_GD = self.image_geo_embed[...].astype(dtype)
+    colour_CD = self.image_colour_embed[...].astype(dtype)
+    B, L_, _ = h_BLD.shape
+    image_BLGC = (lm_head(h_BLD, geo_GD)[..., :, None] + lm_head(h_BLD, colour_CD)[..., None, :])
+    return jnp.concatenate([lm_head(h_BLD, w_VD[:cfg.image_start]),
+                            image_BLGC.reshape(B, L_, -1),
+                            lm_head(h_BLD, w_VD[cfg.image_end:])], axis=-1)
 
   def layer_fn(self):
     """The per-layer function `(params_of_one_layer, x_BLD, segment_ids_BL) -> x_BLD`."""
@@ -218,6 +274,10 @@ class Decoder(nnx.Module):
     image_index_BL: each image code's raster index (the batch contract's `image_index`, exact
     for CM3-masked sequences); None counts it from the ids (`image_index`).
     """
+    return self.logits(self.hidden(inputs_BL, positions_BL, segment_ids_BL, image_index_BL))
+
+  def hidden(self, inputs_BL, positions_BL, segment_ids_BL, image_index_BL=None):
+    """The last layer's output x_BLD (before the final LayerNorm and the head)."""
     x_BLD = self.embed_tokens(inputs_BL, positions_BL, image_index_BL)
     params = self.layers.arrays()
     fn = self.layer_fn()
@@ -228,7 +288,42 @@ class Decoder(nnx.Module):
     else:
       for i in range(self.cfg.num_layers):
         x_BLD = fn(jax.tree.map(lambda a: a[i], params), x_BLD, segment_ids_BL)
-    return self.logits(x_BLD)
+    return x_BLD
+
+  def log_z_and_target_logit(self, x_BLD, targets_BL):
+    """(log partition function, the target's logit), both [B, L] float32, without the
+    [B, L, V] logits when image codes are colour-factorised: the G x C image logits
+    g_G + c_C have logsumexp lse(g) + lse(c), and a target's is g[t // C] + c[t % C].
+    The training loss (train/step.py) is log_z - target_logit."""
+    cfg = self.cfg
+    if not cfg.image_colour_codes:
+      logits_BLV = self.logits(x_BLD)
+      return jax.nn.logsumexp(logits_BLV, axis=-1), _target_logit(logits_BLV, targets_BL)
+    h_BLD = L.layer_norm(x_BLD)
+    dtype = jnp.dtype(cfg.dtype)
+    w_VD = self.embed[...].astype(dtype)
+    geo, colour = self.image_factors()
+    # Every non-image row (specials, sentinels, text, padding) in one product.
+    other_BLO = lm_head(h_BLD, jnp.concatenate([w_VD[:cfg.image_start], w_VD[cfg.image_end:]]))
+    geo_BLG = lm_head(h_BLD, self.image_geo_embed[...].astype(dtype))
+    colour_BLC = lm_head(h_BLD, self.image_colour_embed[...].astype(dtype))
+    image_lse_BL = jax.nn.logsumexp(geo_BLG, -1) + jax.nn.logsumexp(colour_BLC, -1)
+    log_z_BL = jnp.logaddexp(jax.nn.logsumexp(other_BLO, -1), image_lse_BL)
+    is_image_BL = (targets_BL >= cfg.image_start) & (targets_BL < cfg.image_end)
+    code_BL = jnp.where(is_image_BL, targets_BL - cfg.image_start, 0)
+    image_BL = (_target_logit(geo_BLG, code_BL // colour)
+                + _target_logit(colour_BLC, code_BL % colour))
+    other_id_BL = jnp.where(targets_BL >= cfg.image_end,
+                            targets_BL - (cfg.image_end - cfg.image_start), targets_BL)
+    other_BL = _target_logit(other_BLO, jnp.where(is_image_BL, 0, other_id_BL))
+    return log_z_BL, jnp.where(is_image_BL, image_BL, other_BL)
+
+
+def _target_logit(logits_BLV, targets_BL):
+  """logits_BLV[b, l, targets_BL[b, l]]: a one-hot contraction rather than a gather, which stays
+  local when the vocab axis is sharded."""
+  return jnp.einsum("BLV,BLV->BL", logits_BLV,
+                    jax.nn.one_hot(targets_BL, logits_BLV.shape[-1], dtype=logits_BLV.dtype))
 
 
 @jax.custom_vjp
@@ -266,4 +361,7 @@ def param_count(cfg: DecoderConfig, embeddings: bool = True) -> int:
     n += cfg.d_model * cfg.vocab_size
   if embeddings:
     n += (cfg.vocab_size + cfg.seq_len + cfg.tokens_per_image) * cfg.d_model
+    if cfg.image_colour_codes:  # the factor tables (the embedding's image rows stay, unused)
+      geo = (cfg.image_end - cfg.image_start) // cfg.image_colour_codes
+      n += (geo + cfg.image_colour_codes) * cfg.d_model
   return n

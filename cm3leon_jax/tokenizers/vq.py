@@ -11,6 +11,16 @@ quantiser replaces each vector by its nearest codebook entry by cosine similarit
 unit sphere, so no code drifts away from the data and usage stays high) and passes gradients
 straight through. Codes whose running usage falls below `vq.dead_code_threshold` times the
 uniform share 1/K are restarted on random encoder outputs (`restart_dead_codes`).
+
+Colour-factorised codes (`vq.colour_codes` = C > 0): each grid cell gets a geometry code g (of
+`vq.codebook_size` = G) and a colour code c (of C), one token g * C + c (`num_tokens` = G * C).
+The geometry encoder sees the image centred on its mean colour and, in training, rotated by a
+random orthogonal colour matrix and scaled, so it cannot rely on hue; the colour encoder is a
+per-pixel MLP max-pooled over each cell, a set function that says which colours the cell
+holds, not where. Why: with joint codes a never-seen (colour, shape) pair needs code
+arrangements no training image has (experiments/code_novelty.py: 39% of its 2x2 windows);
+factorised, its geometry is a seen shape's and its colours a seen colour's. The decoder embeds
+and scores such a token as the sum of a geometry and a colour vector (model/decoder.py).
 """
 
 from __future__ import annotations
@@ -55,6 +65,16 @@ def num_levels(vq_config) -> int:
     raise InputError(f"--config.vq.image_size={vq_config.image_size} is not divisible by "
                      f"vq.downsample={f}")
   return n_down + 1
+
+
+def colour_codes(vq_config) -> int:
+  """C: colour codes per cell (0: joint codes, one codebook)."""
+  return int(vq_config.get("colour_codes", 0))
+
+
+def num_tokens(vq_config) -> int:
+  """Image token ids the VQ emits: codebook_size, times colour_codes when factorised."""
+  return int(vq_config.codebook_size) * max(1, colour_codes(vq_config))
 
 
 def grid_size(vq_config) -> int:
@@ -120,13 +140,52 @@ class Encoder(nnx.Module):
     return self.conv_out(nnx.swish(self.norm_out(self.features(x_BHWC))))
 
 
+class ColourEncoder(nnx.Module):
+  """(B, H, W, 3) -> (B, H/f, W/f, colour_dim): which colours each f x f cell holds.
+
+  A per-pixel MLP, then a max over the cell: a set function, blind to where in the cell (and
+  how much of it) a colour lies, so the colour code carries no shape."""
+
+  def __init__(self, c, *, rngs: nnx.Rngs):
+    width = 2 * int(c.base_channels)
+    self.f = int(c.downsample)
+    self.fc1 = nnx.Conv(3, width, (1, 1), rngs=rngs)
+    self.fc2 = nnx.Conv(width, width, (1, 1), rngs=rngs)
+    self.conv_out = nnx.Conv(width, int(c.colour_dim), (1, 1), rngs=rngs)
+
+  def __call__(self, x_BHWC):
+    h_BHWC = self.fc2(nnx.swish(self.fc1(x_BHWC)))
+    B, H, W, C = h_BHWC.shape
+    f = self.f
+    h_BhwC = h_BHWC.reshape(B, H // f, f, W // f, f, C).max(axis=(2, 4))
+    return self.conv_out(nnx.swish(h_BhwC))
+
+
+def colour_scrambled(x_BHWC, key=None):
+  """The geometry encoder's input: each image centred on its mean colour; with a key (training)
+  also rotated by a random orthogonal 3x3 colour matrix and scaled by U(0.6, 1.4) per image.
+  Rotation keeps every colour difference's length (edges stay visible) but not its direction
+  (the hue), so the geometry codes cannot carry colour; encoding uses no key (the identity, one
+  draw of that distribution)."""
+  x_BHWC = x_BHWC - jnp.mean(x_BHWC, axis=(1, 2), keepdims=True)
+  if key is None:
+    return x_BHWC
+  k_rot, k_scale = jax.random.split(key)
+  B = x_BHWC.shape[0]
+  rot_B33 = jax.random.orthogonal(k_rot, 3, shape=(B,), dtype=x_BHWC.dtype)
+  scale_B111 = jax.random.uniform(k_scale, (B, 1, 1, 1), x_BHWC.dtype, 0.6, 1.4)
+  return scale_B111 * jnp.einsum("bhwc,bdc->bhwd", x_BHWC, rot_B33)
+
+
 class Decoder(nnx.Module):
-  """(B, h, w, code_dim) -> (B, h*f, w*f, 3), roughly in [-1, 1] (clipped by `decode`)."""
+  """(B, h, w, code_dim [+ colour_dim]) -> (B, h*f, w*f, 3), roughly in [-1, 1] (clipped by
+  `decode`)."""
 
   def __init__(self, c, *, rngs: nnx.Rngs):
     levels = num_levels(c)
     widths = [int(c.base_channels) * int(m) for m in reversed(tuple(c.channel_mult))]
-    self.conv_in = nnx.Conv(int(c.code_dim), widths[0], (3, 3), rngs=rngs)
+    in_dim = int(c.code_dim) + (int(c.colour_dim) if colour_codes(c) else 0)
+    self.conv_in = nnx.Conv(in_dim, widths[0], (3, 3), rngs=rngs)
     blocks, ups, cin = [], [], widths[0]
     for i, w in enumerate(widths):
       for _ in range(int(c.num_res_blocks)):
@@ -167,6 +226,9 @@ class Quantized(NamedTuple):
   codebook_loss: jax.Array  # ||sg(z) - e||^2: pulls the codes to the encoder outputs
   z_ND: jax.Array          # (normalised) encoder outputs, flattened, for restarts
   err_N: jax.Array         # squared distance of each z to its code (no gradient)
+  # Factorised codes: the colour quantiser's own result (its codes, z and errors for restarts;
+  # the fields above then hold the geometry's, with both losses summed and codes = g * C + c).
+  colour: "Quantized | None" = None
 
 
 def _normalize(x, l2: bool):
@@ -249,19 +311,43 @@ class VQModel(nnx.Module):
     K, D = self.codebook_size, int(c.code_dim)
     self.codebook = nnx.Param(jax.random.normal(rngs.params(), (K, D)) / math.sqrt(D))
     self.usage = CodeUsage(jnp.full((K,), 1.0 / K))
+    self.colour_codes = colour_codes(c)
+    if self.colour_codes:
+      if int(c.colour_dim) < 1:
+        raise InputError(f"--config.vq.colour_dim={c.colour_dim}: must be >= 1 with "
+                         f"vq.colour_codes={self.colour_codes}")
+      self.codebook_size = K * self.colour_codes  # token ids: g * C + c
+      self.colour_encoder = ColourEncoder(c, rngs=rngs)
+      C, Dc = self.colour_codes, int(c.colour_dim)
+      self.colour_codebook = nnx.Param(jax.random.normal(rngs.params(), (C, Dc)) / math.sqrt(Dc))
+      self.colour_usage = CodeUsage(jnp.full((C,), 1.0 / C))
 
-  def quantize(self, x_BHWC) -> Quantized:
-    """Float images in [-1, 1] -> quantised latents and codes."""
-    return quantize(self.encoder(x_BHWC), self.codebook[...], self.l2_normalize)
+  def quantize(self, x_BHWC, key=None) -> Quantized:
+    """Float images in [-1, 1] -> quantised latents and codes. `key` (training only) draws the
+    geometry encoder's colour scramble when codes are factorised."""
+    if not self.colour_codes:
+      return quantize(self.encoder(x_BHWC), self.codebook[...], self.l2_normalize)
+    geo = quantize(self.encoder(colour_scrambled(x_BHWC, key)), self.codebook[...],
+                   self.l2_normalize)
+    col = quantize(self.colour_encoder(x_BHWC), self.colour_codebook[...], False)
+    return Quantized(jnp.concatenate([geo.zq_BhwD, col.zq_BhwD], axis=-1),
+                     geo.codes_BN * self.colour_codes + col.codes_BN,
+                     geo.commit_loss + col.commit_loss, geo.codebook_loss + col.codebook_loss,
+                     geo.z_ND, geo.err_N, col)
 
   def codes_to_latents(self, codes_BN):
     B = codes_BN.shape[0]
     e_KD = _normalize(self.codebook[...], self.l2_normalize)
-    return jnp.take(e_KD, codes_BN, axis=0).reshape(B, self.grid, self.grid, -1)
+    if not self.colour_codes:
+      return jnp.take(e_KD, codes_BN, axis=0).reshape(B, self.grid, self.grid, -1)
+    e_CD = self.colour_codebook[...]
+    z_BND = jnp.concatenate([jnp.take(e_KD, codes_BN // self.colour_codes, axis=0),
+                             jnp.take(e_CD, codes_BN % self.colour_codes, axis=0)], axis=-1)
+    return z_BND.reshape(B, self.grid, self.grid, -1)
 
-  def __call__(self, x_BHWC):
+  def __call__(self, x_BHWC, key=None):
     """Reconstruct: returns (reconstruction in ~[-1, 1], Quantized)."""
-    q = self.quantize(x_BHWC)
+    q = self.quantize(x_BHWC, key)
     return self.decoder(q.zq_BhwD), q
 
 
@@ -305,12 +391,14 @@ def check_codes(codes_BN, num_codes: int, codebook_size: int) -> np.ndarray:
 # VQModel's state as a pure dict), 'opt' (optimiser and discriminator state) and 'data' (the
 # Grain iterator), plus `vq_config.json`, so the tokenizer restores only what it needs.
 ARCH_FIELDS = ("image_size", "downsample", "codebook_size", "code_dim", "base_channels",
-               "channel_mult", "num_res_blocks", "l2_normalize")
+               "channel_mult", "num_res_blocks", "l2_normalize", "colour_codes", "colour_dim")
 CONFIG_FILE = "vq_config.json"
 
 
 def arch_dict(vq_config) -> dict:
-  return {k: (list(vq_config[k]) if k == "channel_mult" else vq_config[k]) for k in ARCH_FIELDS}
+  # Fields a config predating them lacks read as their defaults (0: joint codes).
+  return {k: (list(vq_config[k]) if k == "channel_mult" else vq_config.get(k, 0))
+          for k in ARCH_FIELDS}
 
 
 def check_checkpoint_config(directory: str, vq_config) -> None:
@@ -322,8 +410,8 @@ def check_checkpoint_config(directory: str, vq_config) -> None:
   with open(path) as f:
     saved = json.load(f)
   want = arch_dict(vq_config)
-  diff = [f"vq.{k}: checkpoint {saved.get(k)!r}, config {want[k]!r}"
-          for k in ARCH_FIELDS if saved.get(k) != want[k]]
+  diff = [f"vq.{k}: checkpoint {saved.get(k, 0)!r}, config {want[k]!r}"
+          for k in ARCH_FIELDS if saved.get(k, 0) != want[k]]
   if diff:
     raise InputError(f"{directory}: checkpoint does not match the config ({'; '.join(diff)})")
 

@@ -98,8 +98,10 @@ def make_train_step(graphdef, c, use_gan: bool):
     model, optimizer, extras = nnx.merge(graphdef, state)
     x = vq.to_float(images_BHWC)
 
+    key_restart, key_colour, key_scramble = jax.random.split(key, 3)
+
     def loss_fn(model):
-      recon, q = model(x)
+      recon, q = model(x, key_scramble)
       rec = recon_loss(recon, x, c.recon_loss)
       loss = rec + q.codebook_loss + c.commitment_cost * q.commit_loss
       terms = {"recon": rec, "codebook": q.codebook_loss, "commit": q.commit_loss}
@@ -112,10 +114,22 @@ def make_train_step(graphdef, c, use_gan: bool):
     (loss, (terms, recon, q)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
     codebook, usage, restarted = vq.restart_dead_codes(
-        model.codebook[...], model.usage[...], jax.lax.stop_gradient(q.z_ND), q.err_N, q.codes_BN,
-        key, c.dead_code_threshold)
+        model.codebook[...], model.usage[...], jax.lax.stop_gradient(q.z_ND), q.err_N,
+        q.codes_BN // max(1, model.colour_codes), key_restart, c.dead_code_threshold)
     model.codebook[...] = codebook
     model.usage[...] = usage
+    colour_metrics = {}
+    if q.colour is not None:
+      qc = q.colour
+      codebook, usage, restarted_colour = vq.restart_dead_codes(
+          model.colour_codebook[...], model.colour_usage[...], jax.lax.stop_gradient(qc.z_ND),
+          qc.err_N, qc.codes_BN, key_colour, c.dead_code_threshold)
+      model.colour_codebook[...] = codebook
+      model.colour_usage[...] = usage
+      colour_share = vq.code_histogram(qc.codes_BN, model.colour_codes)
+      colour_metrics = {"colour_usage": jnp.mean(colour_share > 0),
+                        "colour_perplexity": vq.perplexity(colour_share),
+                        "colour_restarted": restarted_colour}
     if use_gan:
       disc, disc_opt = extras
       fake = jax.lax.stop_gradient(recon)
@@ -126,10 +140,12 @@ def make_train_step(graphdef, c, use_gan: bool):
       d_loss, d_grads = nnx.value_and_grad(disc_loss)(disc)
       disc_opt.update(disc, d_grads)
       terms["gan_d"] = d_loss
-    share = vq.code_histogram(q.codes_BN, model.codebook_size)
+    # Usage of the (geometry) codebook: with factorised codes, token g * C + c has g = // C.
+    share = vq.code_histogram(q.codes_BN // max(1, model.colour_codes),
+                              model.codebook[...].shape[0])
     metrics = {"loss": loss, **terms, "psnr": psnr(images_BHWC, vq.to_uint8(recon)),
                "batch_usage": jnp.mean(share > 0), "batch_perplexity": vq.perplexity(share),
-               "restarted": restarted}
+               "restarted": restarted, **colour_metrics}
     return nnx.state((model, optimizer, extras)), metrics
 
   return step

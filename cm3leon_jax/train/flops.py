@@ -2,7 +2,9 @@
 
 Per token, forward (multiply-add = 2 FLOPs):
   matmuls    2 * (num_layers * (4 * d_model * heads * head_dim + m * d_model * d_ff)
-                  + d_model * vocab)               m = 2 (relu / gelu) or 3 (swiglu)
+                  + d_model * head_rows)           m = 2 (relu / gelu) or 3 (swiglu)
+             head_rows = vocab, or with colour-factorised image codes (G x C ids) vocab - G x C
+             + G + C (the head scores geometry and colour codes apart, model/decoder.py)
   attention  num_layers * 2 * 2 * heads * head_dim * ctx    (q.k and p.v over ctx keys)
              with ctx = seq_len / 2 for causal attention (the average visible prefix, what a
              block-skipping kernel computes), seq_len without the causal discount.
@@ -37,11 +39,20 @@ PEAK_FLOPS = (
 )
 
 
+def head_rows(cfg: DecoderConfig) -> int:
+  """Rows of the LM head's product: the vocabulary, less G x C + G + C when image codes are
+  colour-factorised (G x C ids scored from G + C rows)."""
+  if not cfg.image_colour_codes:
+    return cfg.vocab_size
+  image = cfg.image_end - cfg.image_start
+  return cfg.vocab_size - image + image // cfg.image_colour_codes + cfg.image_colour_codes
+
+
 def forward_flops_per_token(cfg: DecoderConfig, causal: bool = True) -> float:
   inner = cfg.num_heads * cfg.head_dim
   mlp_mats = 3 if cfg.activation == "swiglu" else 2
   matmul = 2 * (cfg.num_layers * (4 * cfg.d_model * inner + mlp_mats * cfg.d_model * cfg.d_ff)
-                + cfg.d_model * cfg.vocab_size)
+                + cfg.d_model * head_rows(cfg))
   ctx = cfg.seq_len / 2 if causal else cfg.seq_len
   attention = cfg.num_layers * 2 * 2 * inner * ctx
   return float(matmul + attention)

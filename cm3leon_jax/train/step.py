@@ -59,14 +59,21 @@ def check_accumulation(config, mesh: Mesh) -> None:
                      f"shards = {per_device})")
 
 
-def loss_sums(logits_BLV, targets_BL, weights_BL, vocab: Vocab, z_loss: float) -> dict:
-  """Weighted sums (not means) of the loss terms and their token weights, float32."""
-  logits_BLV = logits_BLV.astype(jnp.float32)
-  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  # One-hot contraction rather than a gather: stays local when the vocab axis is sharded.
-  target_logit_BL = jnp.einsum("BLV,BLV->BL", logits_BLV,
-                               jax.nn.one_hot(targets_BL, logits_BLV.shape[-1],
-                                              dtype=logits_BLV.dtype))
+def loss_sums(logits_BLV, targets_BL, weights_BL, vocab: Vocab, z_loss: float,
+              scores=None) -> dict:
+  """Weighted sums (not means) of the loss terms and their token weights, float32.
+
+  `scores`: (log_z_BL, target_logit_BL) computed without logits (`Decoder.
+  log_z_and_target_logit`, colour-factorised codes); `logits_BLV` is then ignored."""
+  if scores is None:
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    # One-hot contraction rather than a gather: stays local when the vocab axis is sharded.
+    target_logit_BL = jnp.einsum("BLV,BLV->BL", logits_BLV,
+                                 jax.nn.one_hot(targets_BL, logits_BLV.shape[-1],
+                                                dtype=logits_BLV.dtype))
+  else:
+    log_z_BL, target_logit_BL = scores
   ce_BL = log_z_BL - target_logit_BL
   w_BL = weights_BL.astype(jnp.float32)
   is_text = (targets_BL >= vocab.text_range[0]) & (targets_BL < vocab.text_range[1])
@@ -104,6 +111,10 @@ def _microbatches(batch: dict, accum: int) -> dict:
 
 def _forward_sums(model_def, params, mb: dict, vocab: Vocab, z_loss: float) -> dict:
   model = nnx.merge(model_def, params)
+  if model.cfg.image_colour_codes:  # the loss without the G x C image logits
+    x_BLD = model.hidden(mb["inputs"], mb["positions"], mb["segment_ids"], mb["image_index"])
+    scores = model.log_z_and_target_logit(x_BLD, mb["targets"])
+    return loss_sums(None, mb["targets"], mb["weights"], vocab, z_loss, scores)
   logits_BLV = model(mb["inputs"], mb["positions"], mb["segment_ids"], mb["image_index"])
   return loss_sums(logits_BLV, mb["targets"], mb["weights"], vocab, z_loss)
 
