@@ -70,7 +70,9 @@ def test_levels_are_nonlinear_with_or_without_res_blocks(num_res_blocks):
   k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
   S, g = c.image_size, vq.grid_size(c)
   x1, x2 = (jax.random.uniform(k, (1, S, S, 3), minval=-1, maxval=1) for k in (k1, k2))
-  z1, z2 = (jax.random.normal(k, (1, g, g, c.code_dim)) for k in (k3, k4))
+  # The decoder's input: the code, plus the colour code's latent when codes are factorised.
+  z_dim = c.code_dim + (c.colour_dim if c.colour_codes else 0)
+  z1, z2 = (jax.random.normal(k, (1, g, g, z_dim)) for k in (k3, k4))
   assert not _is_affine(model.encoder.features, x1, x2)
   assert not _is_affine(model.decoder.features, z1, z2)
 
