@@ -210,3 +210,13 @@ def test_factorised_sampling_draws_every_image_token_and_both_factors_vary():
   codes = out[:, :n] - vocab.image_start
   assert vocab.is_image(out[:, :n]).all() and (out[:, n] == vocab.break_id).all()
   assert len(set((codes // 4).ravel().tolist())) > 1 and len(set((codes % 4).ravel().tolist())) > 1
+
+
+def test_a_joint_code_checkpoint_from_before_colour_codes_still_loads_its_config(tmp_path):
+  saved = {k: v for k, v in vq.arch_dict(configs.load("tiny").vq).items()
+           if k not in ("colour_codes", "colour_dim")}  # what older train-vq runs wrote
+  with open(os.path.join(tmp_path, vq.CONFIG_FILE), "w") as f:
+    json.dump(saved, f)
+  vq.check_checkpoint_config(str(tmp_path), configs.load("tiny").vq)  # no error
+  with pytest.raises(InputError, match="vq.colour_codes"):
+    vq.check_checkpoint_config(str(tmp_path), _config().vq)

@@ -396,9 +396,14 @@ CONFIG_FILE = "vq_config.json"
 
 
 def arch_dict(vq_config) -> dict:
-  # Fields a config predating them lacks read as their defaults (0: joint codes).
-  return {k: (list(vq_config[k]) if k == "channel_mult" else vq_config.get(k, 0))
-          for k in ARCH_FIELDS}
+  # Fields a config predating them lacks read as their defaults (0: joint codes); colour_dim
+  # means nothing without colour codes, so a joint-code checkpoint written before these fields
+  # existed still matches a joint-code config.
+  out = {k: (list(vq_config[k]) if k == "channel_mult" else vq_config.get(k, 0))
+         for k in ARCH_FIELDS}
+  if not out["colour_codes"]:
+    out["colour_dim"] = 0
+  return out
 
 
 def check_checkpoint_config(directory: str, vq_config) -> None:
