@@ -13,6 +13,7 @@ from flax import nnx
 from cm3leon_jax import configs
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.model.decoder import Decoder, DecoderConfig, param_count
+from cm3leon_jax.tokenizers import colour_codes as cc
 from cm3leon_jax.tokenizers import vq
 from cm3leon_jax.tokenizers.vocab import Vocab
 
@@ -25,14 +26,14 @@ def _config(extra=()):
 
 def test_token_count_is_geometry_times_colour_codes():
   c = _config()
-  assert vq.num_tokens(c.vq) == 32
+  assert cc.num_tokens(c.vq) == 32
   assert Vocab.from_config(c).image_size == 32
-  assert vq.num_tokens(configs.load("tiny").vq) == configs.load("tiny").vq.codebook_size
+  assert cc.num_tokens(configs.load("tiny").vq) == configs.load("tiny").vq.codebook_size
 
 
 def test_scramble_without_key_centres_each_image_on_its_mean_colour():
   x = jnp.stack([jnp.full((4, 4, 3), 0.5), jnp.full((4, 4, 3), -0.25)]).at[0, 0, 0, 0].set(1.0)
-  out = np.asarray(vq.colour_scrambled(x))
+  out = np.asarray(cc.colour_scrambled(x))
   np.testing.assert_allclose(out.mean(axis=(1, 2)), 0.0, atol=1e-6)
   np.testing.assert_allclose(out[1], 0.0, atol=1e-6)  # a flat image has no colour left
   # Image 0 is 0.5 everywhere but one red channel at 1.0: its mean red is 0.5 + 0.5 / 16.
@@ -44,7 +45,7 @@ def test_scramble_keeps_colour_distances_up_to_one_scale_per_image():
   """A rotation moves hues but keeps every colour difference's length, so edges stay visible;
   the one random scale per image multiplies all of them alike."""
   x = jax.random.uniform(jax.random.key(0), (2, 4, 4, 3), minval=-1, maxval=1)
-  out = vq.colour_scrambled(x, jax.random.key(1))
+  out = cc.colour_scrambled(x, jax.random.key(1))
   for b in range(2):
     before = np.asarray(x[b]).reshape(-1, 3)
     after = np.asarray(out[b]).reshape(-1, 3)
@@ -54,12 +55,12 @@ def test_scramble_keeps_colour_distances_up_to_one_scale_per_image():
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)
     assert 0.6 <= ratio[0] <= 1.4
   # ...but not the colours themselves: the hue is gone.
-  assert np.abs(np.asarray(out) - np.asarray(vq.colour_scrambled(x))).max() > 0.1
+  assert np.abs(np.asarray(out) - np.asarray(cc.colour_scrambled(x))).max() > 0.1
 
 
 def test_colour_encoder_ignores_where_in_a_cell_a_colour_lies():
   c = _config().vq
-  enc = vq.ColourEncoder(c, rngs=nnx.Rngs(0))
+  enc = cc.ColourEncoder(c, rngs=nnx.Rngs(0))
   x = jax.random.uniform(jax.random.key(2), (1, c.image_size, c.image_size, 3), minval=-1)
   f = c.downsample
   # Reverse the pixels inside every f x f cell: same colours per cell, other places.

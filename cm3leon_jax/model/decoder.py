@@ -85,7 +85,7 @@ class DecoderConfig:
       raise InputError(f"--config.model.attention={m.attention!r}: expected one of {BACKENDS}")
     from cm3leon_jax.train.mesh import axis_rules  # the one place rules are normalised
     from cm3leon_jax.configs.base import tokens_per_image
-    from cm3leon_jax.tokenizers.vq import colour_codes
+    from cm3leon_jax.tokenizers.colour_codes import colour_codes
     vocab = Vocab.from_config(config)
     image = dict(image_start=vocab.image_start, image_end=vocab.image_end,
                  tokens_per_image=tokens_per_image(config) if m.image_positions else 0,

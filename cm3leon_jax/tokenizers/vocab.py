@@ -87,8 +87,9 @@ class Vocab:
 
   @classmethod
   def from_config(cls, config) -> "Vocab":
-    """Build from a full config (reads `config.vocab` and the VQ's token count, `vq.num_tokens`:
-    vq.codebook_size, times vq.colour_codes when codes are colour-factorised)."""
+    """Build from a full config (reads `config.vocab` and the VQ's token count, as
+    `tokenizers/colour_codes.num_tokens`: vq.codebook_size, times vq.colour_codes when codes
+    are colour-factorised)."""
     image_size = int(config.vq.codebook_size) * max(1, int(config.vq.get("colour_codes", 0)))
     return cls(text_size=int(config.vocab.text_size), image_size=image_size,
                num_sentinels=int(config.vocab.num_sentinels),

@@ -23,6 +23,7 @@ from flax import nnx
 
 from cm3leon_jax import configs
 from cm3leon_jax.tokenizers import vq
+from cm3leon_jax.tokenizers.colour_codes import num_tokens
 
 PRESETS = {
     64: ("quickstart", ["vq.image_size=64"]),
@@ -62,7 +63,7 @@ def main() -> None:
     c = config.vq
     tok = vq.ImageTokenizer(vq.VQModel(c, rngs=nnx.Rngs(0)))
     grid = c.image_size // c.downsample
-    tokens = vq.num_tokens(c)
+    tokens = num_tokens(c)
     base = None
     for batch in args.batches or DEFAULT_BATCHES[kind][size]:
       images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
