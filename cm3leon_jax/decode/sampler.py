@@ -217,7 +217,7 @@ def _factorised_image_token(model: Decoder, x_R1D, state, rng, knobs, spec, voca
   model's distribution is p(g) p(c) and guidance (linear in log-probabilities) splits exactly
   into one per factor; top-k / top-p / CD-K then act on each factor's distribution instead of
   the joint's. Costs G + C head rows and sorts G and C scores, not G x C (8,192 at the
-  quickstart's 128 x 64: sampling over them took 148 s of a 953 s quickstart instead of ~30)."""
+  quickstart's 128 x 64)."""
   geo_RG, colour_RC = model.image_factor_logits(x_R1D)
   keys = jax.random.split(rng, 2)
   codes = []

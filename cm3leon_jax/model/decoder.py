@@ -302,7 +302,7 @@ class Decoder(nnx.Module):
     h_BLD = L.layer_norm(x_BLD)
     dtype = jnp.dtype(cfg.dtype)
     w_VD = self.embed[...].astype(dtype)
-    geo, colour = self.image_factors()
+    _, colour = self.image_factors()
     # Every non-image row (specials, sentinels, text, padding) in one product.
     other_BLO = lm_head(h_BLD, jnp.concatenate([w_VD[:cfg.image_start], w_VD[cfg.image_end:]]))
     geo_BLG = lm_head(h_BLD, self.image_geo_embed[...].astype(dtype))
