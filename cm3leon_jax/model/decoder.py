@@ -164,8 +164,9 @@ class Decoder(nnx.Module):
     return (cfg.image_end - cfg.image_start) // cfg.image_colour_codes, cfg.image_colour_codes
 
   def token_table(self):
-    """The [V, D] token embedding (param dtype). Colour-factorised: image rows are
-    geo[g] + colour[c], so a never-seen (g, c) pair is embedded from seen parts."""
+    """The [V, D] token embedding (param dtype), the tied head's rows. Colour-factorised: image
+    rows are geo[g] + colour[c], so a never-seen (g, c) pair is embedded from seen parts
+    (`embed_tokens` gathers the same sums without building the table)."""
     table_VD = self.embed[...]
     if not self.cfg.image_colour_codes:
       return table_VD
@@ -200,9 +201,16 @@ class Decoder(nnx.Module):
     place) and by the sampler (one token at a time). Only image tokens use it."""
     # Gather the embedding dimension first (as FSDP does for every weight) but keep the vocab
     # split: without this, GSPMD replicates the whole lookup ("involuntary full remat").
-    table = self.shard(self.token_table(), ("vocab", None))
+    table = self.shard(self.embed[...], ("vocab", None))
     pos = self.shard(self.pos_embed[...], (None, None))
     x_BLD = jnp.take(table, inputs_BL, axis=0)
+    if self.cfg.image_colour_codes:  # geo[g] + colour[c], gathered (no [V, D] table per call)
+      start, colour = self.cfg.image_start, self.cfg.image_colour_codes
+      is_code_BL = (inputs_BL >= start) & (inputs_BL < self.cfg.image_end)
+      code_BL = jnp.where(is_code_BL, inputs_BL - start, 0)
+      image_BLD = (jnp.take(self.image_geo_embed[...], code_BL // colour, axis=0)
+                   + jnp.take(self.image_colour_embed[...], code_BL % colour, axis=0))
+      x_BLD = jnp.where(is_code_BL[..., None], image_BLD, x_BLD)
     x_BLD = x_BLD + jnp.take(pos, positions_BL, axis=0)
     if self.cfg.tokens_per_image:
       if image_index_BL is None:
@@ -236,7 +244,10 @@ class Decoder(nnx.Module):
   def image_factor_logits(self, x_BLD):
     """Colour-factorised codes: (geometry logits [B, L, G], colour logits [B, L, C]), float32;
     image id image_start + g * C + c has logit geo[g] + colour[c]."""
-    h_BLD = L.layer_norm(x_BLD)
+    return self._factor_products(L.layer_norm(x_BLD))
+
+  def _factor_products(self, h_BLD):
+    """(h . geo [B, L, G], h . colour [B, L, C]) of the final-normed h, float32."""
     dtype = jnp.dtype(self.cfg.dtype)
     return (lm_head(h_BLD, self.image_geo_embed[...].astype(dtype)),
             lm_head(h_BLD, self.image_colour_embed[...].astype(dtype)))
@@ -247,10 +258,9 @@ class Decoder(nnx.Module):
     cost more than the quickstart decoder's layers)."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     w_VD = self.embed[...].astype(dtype)
-    geo_GD = self.image_geo_embed[...].astype(dtype)
-    colour_CD = self.image_colour_embed[...].astype(dtype)
+    geo_BLG, colour_BLC = self._factor_products(h_BLD)
     B, L_, _ = h_BLD.shape
-    image_BLGC = (lm_head(h_BLD, geo_GD)[..., :, None] + lm_head(h_BLD, colour_CD)[..., None, :])
+    image_BLGC = geo_BLG[..., :, None] + colour_BLC[..., None, :]
     return jnp.concatenate([lm_head(h_BLD, w_VD[:cfg.image_start]),
                             image_BLGC.reshape(B, L_, -1),
                             lm_head(h_BLD, w_VD[cfg.image_end:])], axis=-1)
@@ -305,8 +315,7 @@ class Decoder(nnx.Module):
     _, colour = self.image_factors()
     # Every non-image row (specials, sentinels, text, padding) in one product.
     other_BLO = lm_head(h_BLD, jnp.concatenate([w_VD[:cfg.image_start], w_VD[cfg.image_end:]]))
-    geo_BLG = lm_head(h_BLD, self.image_geo_embed[...].astype(dtype))
-    colour_BLC = lm_head(h_BLD, self.image_colour_embed[...].astype(dtype))
+    geo_BLG, colour_BLC = self._factor_products(h_BLD)
     image_lse_BL = jax.nn.logsumexp(geo_BLG, -1) + jax.nn.logsumexp(colour_BLC, -1)
     log_z_BL = jnp.logaddexp(jax.nn.logsumexp(other_BLO, -1), image_lse_BL)
     is_image_BL = (targets_BL >= cfg.image_start) & (targets_BL < cfg.image_end)
