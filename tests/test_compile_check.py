@@ -53,7 +53,7 @@ def _compile_check_module():
 
 
 def test_override_reaches_the_compiled_config_beside_the_plan(monkeypatch):
-  """`--override model.scan_layers=false` changes the config the train step is built from; the
+  """`--override model.scan_layers=true` changes the config the train step is built from; the
   plan's own fields (attention, remat, accumulation) still apply. Stopped before compiling."""
   cc = _compile_check_module()
   import jax
@@ -70,9 +70,9 @@ def test_override_reaches_the_compiled_config_beside_the_plan(monkeypatch):
   monkeypatch.setattr(cc, "abstract_train_state", stop)
   with pytest.raises(RuntimeError, match="stop before compiling"):
     cc.compile_one("cm3leon_350m", "v5e:4x4", 1, "dots_saveable",
-                   overrides=["model.scan_layers=false"])
+                   overrides=["model.scan_layers=true"])
   config = seen["config"]
-  assert config.model.scan_layers is False
+  assert config.model.scan_layers is True
   assert (config.model.attention, config.model.remat_policy) == ("splash", "dots_saveable")
   assert config.train.grad_accum == 2048  # one device: the whole batch in microbatches of 1
 

@@ -345,3 +345,47 @@ def test_cudnn_packed_warns_and_uses_the_mask_if_jax_moves_its_cudnn_module(monk
       assert A._cudnn_sdpa_module() is None
   finally:
     A._cudnn_sdpa_module.cache_clear()  # the next caller sees the real module again
+
+
+def _emulated_packed_kernel(q_BLHK, k_BLHK, v_BLHK, seqlen_BM, offsets_BM1):
+  """cuDNN's packed layout emulated off GPU: causal attention inside each described run; a
+  token past the described runs sees no key (so a row with too many runs comes out wrong, as
+  the layout would make it)."""
+  L = q_BLHK.shape[1]
+  index_L = jnp.arange(L)
+  inside_BML = ((index_L >= offsets_BM1[:, :-1, None])
+                & (index_L < offsets_BM1[:, :-1, None] + seqlen_BM[:, :, None])
+                & (seqlen_BM[:, :, None] > 0))
+  run_BL = jnp.where(inside_BML.any(1), jnp.argmax(inside_BML, axis=1), -1)
+  mask_BLL = ((run_BL[:, :, None] == run_BL[:, None, :]) & (run_BL[:, :, None] >= 0)
+              & (index_L[None, None, :] <= index_L[None, :, None]))
+  return A.xla_attention(q_BLHK, k_BLHK, v_BLHK, mask_BLL)
+
+
+def test_cudnn_packed_takes_the_masked_path_past_the_layout_forward_and_backward(monkeypatch):
+  """With the packed kernel present (emulated here), a batch whose rows all fit the layout
+  uses it, and a batch with a row of MAX_PACKED_SEGMENTS + 8 runs takes the masked fallback,
+  whose mask is rebuilt in the backward pass: outputs and q/k/v gradients equal the
+  reference's for both batches, although the layout alone gets the long row wrong."""
+  monkeypatch.setattr(A, "_packed_kernel", lambda: _emulated_packed_kernel)
+  L, runs = 64, A.MAX_PACKED_SEGMENTS + 8
+  rng = np.random.default_rng(4)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, L, 2, 8)), jnp.bfloat16) for _ in range(3))
+  fitting = np.zeros((2, L), np.int32)
+  fitting[0, :20], fitting[0, 20:50], fitting[1, :] = 1, 2, 1
+  too_many = fitting.copy()
+  too_many[1, :runs], too_many[1, runs:] = np.arange(1, runs + 1), 0
+  index = jnp.broadcast_to(jnp.arange(L), (2, L))
+  f32 = lambda x: x.astype(jnp.float32)
+  for seg in (jnp.asarray(fitting), jnp.asarray(too_many)):
+    mask = A.attention_mask(seg, seg, index, index)
+    ref = lambda q, k, v: jnp.sum(jnp.sin(A.xla_attention(f32(q), f32(k), f32(v), mask)))
+    got = lambda q, k, v: jnp.sum(jnp.sin(f32(A.attention(q, k, v, seg, seg,
+                                                          backend="cudnn_packed"))))
+    np.testing.assert_allclose(got(q, k, v), ref(q, k, v), rtol=2e-2)
+    for g_new, g_ref in zip(jax.grad(got, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(f32(g_new), g_ref, rtol=2e-2, atol=3e-2)
+  layout_only = _emulated_packed_kernel(q, k, v, *A.packed_layout(jnp.asarray(too_many))[:2])
+  exact = A.xla_attention(q, k, v, A.attention_mask(jnp.asarray(too_many),
+                                                    jnp.asarray(too_many), index, index))
+  assert float(jnp.abs(f32(layout_only[1]) - f32(exact[1])).max()) > 0.1

@@ -5,7 +5,7 @@
     python tpu/compile_check.py --config cm3leon_7b --topology v5p:4x4x8
     python tpu/compile_check.py --config cm3leon_350m --topology v5e:4x4 --micro-batch 4 --remat none
     python tpu/compile_check.py --config cm3leon_350m --topology v5e:4x4 --num-slices 2
-    python tpu/compile_check.py --config cm3leon_350m --override model.scan_layers=false
+    python tpu/compile_check.py --config cm3leon_350m --override model.scan_layers=true
 
 For each (preset, topology) it builds the ('data', 'fsdp', 'tensor') mesh over the topology's
 devices, the abstract sharded train state (no parameters are allocated), and lowers and

@@ -6,6 +6,12 @@ d_model 1024, 16 heads of 64, sequence 4096, 8M-token batches (2048 sequences), 
 
 Not runnable on a CPU; `python tpu/compile_check.py --config cm3leon_350m` compiles its train step
 for real TPU topologies and prints per-device memory.
+
+Its 24 layers are unrolled (`model.scan_layers=False`): on one H200 the train step runs at
+51.8% MFU unrolled against 41.7-42.5% scanned (experiments/bench/train_step.py; XLA overlaps
+kernels of neighbouring layers on several streams only outside a loop). The cost: the step
+compiles in 77 s instead of 18 s for a v5e:4x4 slice and takes 6.11 instead of 5.68 GiB per
+chip there (tpu/compile_check.py). `--config.model.scan_layers=true` scans them.
 """
 
 from cm3leon_jax.configs.base import base_config
@@ -28,6 +34,7 @@ def get_config(arg=None):
   c.model.d_ff = 4096
   c.model.seq_len = 4096
   c.model.dtype = "bfloat16"
+  c.model.scan_layers = False  # see the docstring
   c.optimizer.peak_lr = 6e-4
   c.optimizer.warmup_steps = 1500
   c.train.batch_size = 2048

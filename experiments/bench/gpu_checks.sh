@@ -35,7 +35,7 @@ for part in $PARTS; do
     train)
       timeout "${TRAIN_LIMIT:-170}" python3 experiments/bench/train_step.py --rounds 3 --steps 3 \
         --gpu-variants \
-        ${TRAIN_VARIANTS:-8:none:cudnn_packed 8:none:cudnn_packed:model.scan_layers=false} \
+        ${TRAIN_VARIANTS:-8:none:cudnn_packed 8:none:cudnn_packed:model.scan_layers=true} \
         ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step.log" ;;
     decode)
       # JAX leaves half the GPU's memory to torch.

@@ -70,13 +70,32 @@ experiments/results/gpu-h200-2026-11-27/:
 | 8 | none | cudnn_packed, `model.scan_layers=false` | 0.179 | 182,807 | **52.0%** |
 | 8 | none | xla (chunked) | out of memory (245 GiB asked) | | |
 
-The 45% target is met with unrolled layers (52.0%), not with the scanned layers the presets
-use (42.3%). What moved it, from `experiments/bench/gpu_profile.py`'s kernel table: cuDNN read
+The 45% target is met with unrolled layers (52.0%), not with scanned layers (42.3%). What moved it, from `experiments/bench/gpu_profile.py`'s kernel table: cuDNN read
 the packing mask as a [B, 1, L, L] bias and computed its gradient (cuDNN's packed layout, which
 takes per-row run offsets and lengths, removed both); the LM head's two backward GEMMs ran in
 float32/TF32 (26 ms of 291) because the logits are float32; the scanned loop runs the cuDNN
 forward kernel twice per layer (48 launches per step from one custom call in the HLO; not
 explained) and keeps float32 LayerNorm residuals stacked per layer, which unrolling avoids.
+
+Measured again on one H200 (2026-11-29, same image; logs and what each run tried in
+experiments/results/gpu-h200-2026-11-29/):
+
+| batch | remat | layers | attention | step s | tokens/s | MFU |
+|---|---|---|---|---|---|---|
+| 8 | none | scanned | cudnn_packed | 0.220 | 148,665 | 42.3% |
+| 8 | none | scanned, `lax.scan(unroll=2)` / `(unroll=4)` | cudnn_packed | 0.219 | 149,471 | 42.5% |
+| 8 | none | scanned | cudnn_packed, one packed-layout check for the stack | 0.232 | 141,031 | 40.1% |
+| 8 | none | scanned | cudnn_packed, fallback's mask built in its branch (now) | 0.224 | 146,563 | 41.7% |
+| 8 | none | **unrolled** (the 350M preset now) | same | **0.180** | **182,125** | **51.8%** |
+
+A profile of both forms (gpu_profile.py) shows the same kernels and ~209 ms of device busy
+time per step; unrolled, kernels of neighbouring layers overlap on several CUDA streams, which
+XLA does not do across a while loop's iterations. (The cuDNN forward kernel runs twice per
+layer unrolled too: cuDNN's packed forward, not the scan.) So `cm3leon_350m` unrolls its 24
+layers (configs/cm3leon_350m.py): the preset's row is the 51.8% one, target met;
+`--gpu-variants 8:none:cudnn_packed:model.scan_layers=true` times the scanned form. The mask
+change took the masked fallback's [B, L, L] mask out of every layer's backward (device busy
+209.3 -> 203.7 ms per step); the step times moved within the run-to-run noise.
 """
 
 from __future__ import annotations
