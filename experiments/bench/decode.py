@@ -45,6 +45,10 @@ A profile (experiments/bench/gpu_profile.py, results/gpu-h200-2026-11-27/5-profi
 391 kernels per token; the device busy 65% of the wall time; 67% of the busy time in XLA
 reduction fusions (the batch-1 matrix-vector products and attention over the cache, ~5-11 us
 each, far below the bandwidth a 2-8 MB weight read allows); the GEMM class only 3%.
+Re-measured on an H200 (2026-11-29, `--batches 1 --no-cfg --no-torch --repeats 2`) after the
+sampler's [B * H, S, K] cache, cache windows and image-only head: 1.311 ms per token, 13% of
+the 0.165 ms bound, unchanged (those cut bytes and work, and this is launch-bound); the bench
+preset's batch-1 image 0.43 s. Logs: experiments/results/gpu-h200-2026-11-29/.
 
 Measured on a quiet 2-core CPU (2026-11-27, load 1.2-2.0, torch on 2 threads), after the q/k/v
 projection stopped copying its stacked weights into a transposed layout inside every decode
