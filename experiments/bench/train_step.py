@@ -43,6 +43,9 @@ Measured with `python experiments/bench/train_step.py` on 2-core machines, days 
   Run again with it (`--other-layers`, same machine, an hour later): JAX unrolled 6.251 s (655
   tokens/s, MFU 70.2%), scanned 6.888 s (595, 63.7%), OPT 6.235 s (657, 70.4%): 1.00x (6.235 /
   6.251 = 0.997) and 0.91x. Parity with PyTorch on this machine, not a lead.
+- 2026-11-29, the next session, the same machine type, slower that hour (measured peak 187.6
+  GFLOP/s), `--rounds 3 --steps 3`: JAX 7.105 s per step (577 tokens/s, MFU 69.6%) vs PyTorch
+  OPT 7.351 s (557 tokens/s, 67.3%): 1.03x.
 The ratio depends on the CPU it runs on. The loss column differs by design of the timing, not
 the math: OPT's AdamW runs at the peak learning rate from its first step, ours follows the
 preset's schedule (1,500 warm-up steps), so after a few steps ours has barely moved from
