@@ -231,7 +231,7 @@ def get_config(arg=None):
   # top-p ones, and re-ranked all-attributes 30% -> 39% on 64 seen-pair prompts.
   c.decoding.cdk_k = 1
   # Text-to-image (and infilling) candidates re-ranked per prompt in the evaluation: 16, not the
-  # paper's 8. The ablation report (experiments/results/ablations-quickstart: mixed pools keep
+  # paper's 8. The ablation reports (experiments/results/ablations-quickstart*: mixed pools keep
   # improving up to 16) and, on an earlier 4 x 128 decoder, all-attributes seen / never-seen
   # pairs: 32 prompts 78.1% / 37.5% with 8, 90.6% / 62.5% with 16; 64 prompts 84.4% / 45.3%
   # with 8, 92.2% / 59.4% with 16. Cost: the eval stage 34 -> 50 s. On the 4 x 128 decoder of
