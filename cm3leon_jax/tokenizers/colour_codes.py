@@ -19,15 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-def colour_codes(vq_config) -> int:
-  """C: colour codes per cell (0: joint codes, one codebook)."""
-  return int(vq_config.get("colour_codes", 0))
-
-
-def num_tokens(vq_config) -> int:
-  """Image token ids the VQ emits: codebook_size, times colour_codes when factorised."""
-  return int(vq_config.codebook_size) * max(1, colour_codes(vq_config))
+# The counts live with the token-id layout (vocab.py imports no JAX); used from here too.
+from cm3leon_jax.tokenizers.vocab import colour_codes, num_tokens  # noqa: F401
 
 
 class ColourEncoder(nnx.Module):

@@ -29,6 +29,16 @@ from cm3leon_jax.errors import InputError
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<break>", "<infill>", "<unk>")
 
 
+def colour_codes(vq_config) -> int:
+  """C: colour codes per cell (0: joint codes, one codebook; tokenizers/colour_codes.py)."""
+  return int(vq_config.get("colour_codes", 0))
+
+
+def num_tokens(vq_config) -> int:
+  """Image token ids the VQ emits: codebook_size, times colour_codes when factorised."""
+  return int(vq_config.codebook_size) * max(1, colour_codes(vq_config))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextSegment:
   """A run of text-tokenizer ids (local ids in [0, text_size))."""
@@ -87,11 +97,8 @@ class Vocab:
 
   @classmethod
   def from_config(cls, config) -> "Vocab":
-    """Build from a full config (reads `config.vocab` and the VQ's token count, as
-    `tokenizers/colour_codes.num_tokens`: vq.codebook_size, times vq.colour_codes when codes
-    are colour-factorised)."""
-    image_size = int(config.vq.codebook_size) * max(1, int(config.vq.get("colour_codes", 0)))
-    return cls(text_size=int(config.vocab.text_size), image_size=image_size,
+    """Build from a full config (reads `config.vocab` and the VQ's token count, `num_tokens`)."""
+    return cls(text_size=int(config.vocab.text_size), image_size=num_tokens(config.vq),
                num_sentinels=int(config.vocab.num_sentinels),
                pad_multiple=int(config.vocab.pad_multiple),
                explicit_size=int(config.vocab.size))
