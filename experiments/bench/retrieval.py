@@ -101,8 +101,9 @@ the in-memory 1.0 searcher.
 Re-measured (2026-12-03, a 2-core KVM Intel Xeon, slower than the EPYC above: exact 247-251
 queries/s instead of 353-369) on the 1M bank of the encoder the quickstart preset trains now
 (600 steps, held-out text-to-image recall@1 0.940; the tables above used the 400-step one),
-5,000 queries, one script over the cached embeddings (this file's recall and timing helpers,
-each searcher built once, leaves 1-3 x reorder 20-70; fastest at recall@10 >= 0.95):
+5,000 queries, one sweep script over the cached embeddings (not kept in the repository; it used
+this file's recall and timing helpers); each searcher built once, leaves 1-3 x reorder 20-70,
+fastest at recall@10 >= 0.95:
 
 | builder | fastest at >= 0.95 | QPS | recall@10 |
 |---|---|---|---:|
@@ -114,8 +115,8 @@ each searcher built once, leaves 1-3 x reorder 20-70; fastest at recall@10 >= 0.
 | 2,000 leaves (2 / 4 / 6 searched) | leaves 4, reorder 40 | 51,029 | 0.962 |
 | FAISS HNSW M=16 (efConstruction 40) | efSearch 10 | 86,462 | 0.959 |
 
-**ScaNN at 0.59x of HNSW on this bank**: the ">= FAISS's best" target is missed there, not at
-parity as with the 400-step encoder. This encoder's bank needs 3 of 1,000 leaves for 0.95
+**ScaNN at 0.53x of HNSW on this bank (0.59x with 2,000 leaves)**: the ">= FAISS's best" target
+is missed there, not at parity as with the 400-step encoder. This encoder's bank needs 3 of 1,000 leaves for 0.95
 (the 400-step one: 2), and each leaf searched costs ~8 us per query-core here while HNSW's
 efSearch 10 stays at 0.959. Not adopted: every variant above (none closes the gap).
 This script itself, right after (`--sizes '' --encoder-docs 1000000 --queries 5000`, 5.9 min),
