@@ -118,7 +118,8 @@ fastest at recall@10 >= 0.95:
 **ScaNN at 0.53x of HNSW on this bank (0.59x with 2,000 leaves)**: the ">= FAISS's best"
 target is missed there, not at parity as with the 400-step encoder. This encoder's bank needs
 3 of 1,000 leaves for 0.95 (the 400-step one: 2), and each leaf searched costs ~8 us per
-query-core here while HNSW's efSearch 10 stays at 0.959. Not adopted: every variant above (none closes the gap).
+query-core here while HNSW's efSearch 10 stays at 0.959. Not adopted: every variant above
+(none closes the gap).
 This script itself, right after (`--sizes '' --encoder-docs 1000000 --queries 5000`, 5.9 min),
 fastest at >= 0.95: exact 245, ScaNN 45,726 (leaves 3, reorder 50, 0.960; 186x exact),
 overretrieve 2 44,340, plain tree 41,763 (leaves 5, reorder 100), FAISS IVF-PQ 15,265, HNSW
