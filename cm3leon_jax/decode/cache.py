@@ -21,6 +21,11 @@ layout).
 Layers are unrolled over per-layer weights sliced once before the decode loop
 (`layer_params`): scanning the stacked weights copied every layer's weights and cache slice
 every step (2x slower).
+
+On a GPU (`model.decode_matvec`: auto, at most 2 rows; pallas, at most 8) a decode step
+runs each layer's four projections as fused matrix-vector kernels (model/matvec.py) over
+weights transposed to [N, D] once per call, next to the stacked ones (twice the weight memory
+while decoding); the prefill and larger batches keep XLA's GEMMs.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from cm3leon_jax.model import layers as L
+from cm3leon_jax.model import matvec as MV
 from cm3leon_jax.model.attention import single_query_attention
 from cm3leon_jax.model.decoder import Decoder
 
@@ -77,11 +83,66 @@ def grow(model: Decoder, cache: KVCache, size: int) -> KVCache:
                                      constant_values=EMPTY_INDEX), SLOT_AXES))
 
 
+def uses_matvec(model: Decoder, rows: int | None = None) -> bool:
+  """Whether decode steps (of `rows` rows; None: any supported count) use the fused kernels:
+  `model.decode_matvec` pallas, or auto on a GPU; one device (no partitioning of a Pallas
+  call); and shapes the kernel handles."""
+  cfg = model.cfg
+  mode = cfg.decode_matvec
+  if mode == "xla" or (mode == "auto" and jax.default_backend() != "gpu"):
+    return False
+  if not jax.sharding.get_abstract_mesh().empty and jax.sharding.get_abstract_mesh().size > 1:
+    return False
+  d, f, hk = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_dim
+  r = 1 if rows is None else rows
+  if mode == "auto" and r > MV.AUTO_MAX_ROWS:
+    return False
+  return all(MV.supported(r, k, 1) for k in (d, f, hk))
+
+
 def layer_params(model: Decoder) -> list[dict]:
   """The stacked layer weights as one dict per layer. Slice them once, outside the decode
-  loop, and pass them to every `forward_cached` call of the loop."""
+  loop, and pass them to every `forward_cached` call of the loop. With the fused decode
+  kernels (`uses_matvec`) each dict also holds the weights transposed to [N, D] in the
+  compute dtype: `wqkv_ND` (rows ordered heads, q/k/v, head_dim as `project_qkv`'s output),
+  `wo_ND`, `w_in_ND` (swiglu: w_in's rows then w_gate's) and `w_out_ND`."""
   stacked = model.layers.arrays()
-  return [{name: a[i] for name, a in stacked.items()} for i in range(model.cfg.num_layers)]
+  layers = [{name: a[i] for name, a in stacked.items()} for i in range(model.cfg.num_layers)]
+  if not uses_matvec(model):
+    return layers
+  dtype = jnp.dtype(model.cfg.dtype)
+  for p in layers:
+    d = p["wq"].shape[0]
+    p["wqkv_ND"] = jnp.stack([p["wq"], p["wk"], p["wv"]], axis=2).reshape(d, -1).T.astype(dtype)
+    p["wo_ND"] = p["wo"].reshape(-1, d).T.astype(dtype)
+    w_in = p["w_in"] if "w_gate" not in p else jnp.concatenate([p["w_in"], p["w_gate"]], 1)
+    p["w_in_ND"] = w_in.T.astype(dtype)
+    p["w_out_ND"] = p["w_out"].T.astype(dtype)
+  return layers
+
+
+def _matvec_layer(model: Decoder, p: dict, x_BD, k_NSK, v_NSK, start, mask_BS):
+  """One decode step of one layer with the fused kernels: same math as `project_qkv` +
+  cache write + `single_query_attention` + `project_out_and_mlp`."""
+  cfg = model.cfg
+  batch, heads, head_dim = x_BD.shape[0], cfg.num_heads, cfg.head_dim
+  qkv_BHTK = MV.fused_matvec(x_BD, p["wqkv_ND"], norm=True).reshape(batch, heads, 3, head_dim)
+  q_BHK, k_BHK, v_BHK = (qkv_BHTK[:, :, i] for i in range(3))
+  if cfg.qk_norm:
+    q_BHK, k_BHK = L.layer_norm(q_BHK), L.layer_norm(k_BHK)
+  as_nsk = lambda x_BHK, like: x_BHK.reshape(batch * heads, 1, head_dim).astype(like.dtype)
+  k_NSK = jax.lax.dynamic_update_slice(k_NSK, as_nsk(k_BHK, k_NSK), (0, start, 0))
+  v_NSK = jax.lax.dynamic_update_slice(v_NSK, as_nsk(v_BHK, v_NSK), (0, start, 0))
+  o_BHK = single_query_attention(q_BHK, k_NSK, v_NSK, mask_BS)
+  x_BD = MV.fused_matvec(o_BHK.reshape(batch, heads * head_dim), p["wo_ND"], x_BD)
+  if cfg.activation == "swiglu":
+    h_B2F = MV.fused_matvec(x_BD, p["w_in_ND"], norm=True)
+    h_BF, gate_BF = jnp.split(h_B2F, 2, axis=-1)
+    h_BF = L.activate("swiglu", h_BF, gate_BF)
+  else:
+    h_BF = MV.fused_matvec(x_BD, p["w_in_ND"], norm=True, activation=cfg.activation)
+  x_BD = MV.fused_matvec(h_BF, p["w_out_ND"], x_BD)
+  return x_BD, k_NSK, v_NSK
 
 
 def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positions_BT: jax.Array,
@@ -111,6 +172,16 @@ def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positio
                 shard=model.shard)
   new_k, new_v = [], []
   heads = cfg.num_heads
+  if steps == 1 and "wqkv_ND" in layers[0] and uses_matvec(model, batch):
+    mask_BS = (index_BS <= slots_BT) & (seg_BS == jnp.maximum(segment_ids_BT, 1))
+    x_BD = x_BTD[:, 0]
+    for p, k_NSK, v_NSK in zip(layers, cache.k_NSK, cache.v_NSK):
+      x_BD, k_NSK, v_NSK = _matvec_layer(model, p, x_BD, k_NSK, v_NSK, start, mask_BS)
+      new_k.append(k_NSK)
+      new_v.append(v_NSK)
+    x_BTD = x_BD[:, None]
+    out = x_BTD if hidden else model.logits(x_BTD)
+    return out, KVCache(tuple(new_k), tuple(new_v), seg_BS, index_BS)
   for p, k_NSK, v_NSK in zip(layers, cache.k_NSK, cache.v_NSK):
     q_BTHK, k_BTHK, v_BTHK = L.project_qkv(p, x_BTD, dtype, cfg.qk_norm, model.shard)
     to_nsk = lambda x_BTHK: jnp.swapaxes(x_BTHK, 1, 2).reshape(batch * heads, steps, -1)

@@ -26,11 +26,13 @@ import numpy as np
 from flax import nnx
 
 from cm3leon_jax.decode import constraints as C
-from cm3leon_jax.decode.cache import KVCache, forward_cached, grow, init_cache, layer_params
+from cm3leon_jax.decode.cache import (KVCache, forward_cached, grow, init_cache, layer_params,
+                                     uses_matvec)
 from cm3leon_jax.decode.cdk import cdk_scores
 from cm3leon_jax.decode.guidance import cfg, cfg_two
 from cm3leon_jax.decode.sampling import sample, top_k_filter, top_p_filter
 from cm3leon_jax.errors import InputError
+from cm3leon_jax.model import matvec as MV
 from cm3leon_jax.model.decoder import Decoder
 from cm3leon_jax.tokenizers.vocab import Vocab
 
@@ -192,7 +194,10 @@ def step_logits(model: Decoder, x_R1D: jax.Array, state: C.ModalityState, w_VD: 
     return full(x_R1D)
 
   def image_only(x):
-    logits_RI = model.logits(x, w_image_ID)[:, 0]
+    if uses_matvec(model, x.shape[0]):  # final LayerNorm + head rows in one kernel
+      logits_RI = MV.fused_matvec(x[:, 0], w_image_ID, norm=True, out_dtype=jnp.float32)
+    else:
+      logits_RI = model.logits(x, w_image_ID)[:, 0]
     pad = ((0, 0), (vocab.image_start, vocab.size - vocab.image_end))
     return jnp.pad(logits_RI, pad, constant_values=-jnp.inf)
 

@@ -31,6 +31,7 @@ from cm3leon_jax.model import layers as L
 from cm3leon_jax.model.attention import BACKENDS
 from cm3leon_jax.tokenizers.vocab import Vocab
 
+DECODE_MATVEC = ("auto", "xla", "pallas")
 REMAT_POLICIES = {
     "none": None,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -58,6 +59,7 @@ class DecoderConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention: str = "xla"
+  decode_matvec: str = "xla"  # auto | xla | pallas (decode/cache.py `uses_matvec`)
   axis_rules: tuple = ()
   # Image-position embeddings (`model.image_positions`): tokens_per_image > 0 adds a learned
   # embedding of each image token's raster index to it; image ids are [image_start, image_end).
@@ -83,6 +85,10 @@ class DecoderConfig:
                        f"{tuple(REMAT_POLICIES)}")
     if m.attention not in BACKENDS:
       raise InputError(f"--config.model.attention={m.attention!r}: expected one of {BACKENDS}")
+    decode_matvec = m.get("decode_matvec", "auto")  # bundles exported before the field
+    if decode_matvec not in DECODE_MATVEC:
+      raise InputError(f"--config.model.decode_matvec={decode_matvec!r}: expected one of "
+                       f"{DECODE_MATVEC}")
     from cm3leon_jax.train.mesh import axis_rules  # the one place rules are normalised
     from cm3leon_jax.configs.base import tokens_per_image
     from cm3leon_jax.tokenizers.colour_codes import colour_codes
@@ -99,6 +105,7 @@ class DecoderConfig:
                qk_norm=m.qk_norm, init_std=m.init_std, pos_init_std=m.pos_init_std,
                dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
                remat_policy=m.remat_policy, attention=m.attention,
+               decode_matvec=decode_matvec,
                axis_rules=axis_rules(config), **image)
 
   def layer_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:

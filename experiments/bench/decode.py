@@ -49,6 +49,14 @@ Re-measured on an H200 (2026-11-29, `--batches 1 --no-cfg --no-torch --repeats 2
 sampler's [B * H, S, K] cache, cache windows and image-only head: 1.311 ms per token, 13% of
 the 0.165 ms bound, unchanged (those cut bytes and work, and this is launch-bound); the bench
 preset's batch-1 image 0.43 s. Logs: experiments/results/gpu-h200-2026-11-29/.
+2026-12-04, H200, after the decode projections became fused Pallas matrix-vector kernels
+(cm3leon_jax/model/matvec.py; `experiments/bench/matvec.py` runs this check with both modes):
+`model.decode_matvec=xla` 1.304 ms/token (13%), `=pallas` (what `auto` picks on a GPU) **0.693
+ms/token, 24% of the bound** (1.88x): 258 kernels per token, the device busy ~60% of a profiled
+run's wall time; the four kernels per layer take 2.5-5.1 us each (0.8-1.7 TB/s), 59% of the
+device time, the attention over the cache (XLA reductions and elementwise kernels, ~6 per
+layer) and the cache writes the rest. The 50% target is still not met: it needs the kernels
+nearer the bandwidth and the attention fused (results/gpu-h200-2026-12-04/).
 
 Measured on a quiet 2-core CPU (2026-11-27, load 1.2-2.0, torch on 2 threads), after the q/k/v
 projection stopped copying its stacked weights into a transposed layout inside every decode

@@ -28,7 +28,9 @@ python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__,
 #   decode: bench preset vs HF OPT generate on the same GPU (batch 1 and 8, +-CFG), then the
 #     350M bandwidth check;
 #   profile: experiments/bench/gpu_profile.py, device time by kernel of the 350M train step
-#     and batch-1 decode (PROFILE_ARGS adds options).
+#     and batch-1 decode (PROFILE_ARGS adds options);
+#   matvec: experiments/bench/matvec.py, XLA's batch-1 projections vs the fused Pallas
+#     kernels, then the 350M bandwidth check with model.decode_matvec=xla and =pallas.
 PARTS=${PARTS:-train decode}
 for part in $PARTS; do
   case $part in
@@ -44,6 +46,9 @@ for part in $PARTS; do
     profile)
       timeout "${PROFILE_LIMIT:-200}" python3 experiments/bench/gpu_profile.py \
         --trace-dir /tmp/gpu_profile ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile.log" ;;
-    *) echo "unknown part $part (train, decode, profile)"; exit 2 ;;
+    matvec)
+      timeout "${MATVEC_LIMIT:-300}" python3 experiments/bench/matvec.py ${MATVEC_ARGS:-} 2>&1 \
+        | tee "$OUT/matvec.log" ;;
+    *) echo "unknown part $part (train, decode, profile, matvec)"; exit 2 ;;
   esac
 done
