@@ -91,7 +91,8 @@ def uses_matvec(model: Decoder, rows: int | None = None) -> bool:
   mode = cfg.decode_matvec
   if mode == "xla" or (mode == "auto" and jax.default_backend() != "gpu"):
     return False
-  if not jax.sharding.get_abstract_mesh().empty and jax.sharding.get_abstract_mesh().size > 1:
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:  # a Pallas call has no partitioning rule
     return False
   d, f, hk = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_dim
   r = 1 if rows is None else rows
