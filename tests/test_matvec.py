@@ -165,3 +165,18 @@ def test_bad_decode_matvec_value_is_an_input_error():
   config = configs.load("tiny", ["model.decode_matvec=triton"])
   with pytest.raises(InputError, match="model.decode_matvec='triton'"):
     DecoderConfig.from_config(config)
+
+
+@pytest.mark.parametrize("tiling", [dict(block_n=1, chunk=16), dict(block_n=16, chunk=128),
+                                    dict(block_n=4, chunk=32, num_warps=8)])
+def test_every_tiling_computes_the_same_product(tiling):
+  x, w, r = _operands(2, 128, 48)
+  np.testing.assert_allclose(MV.fused_matvec(x, w, r, norm=True, **tiling),
+                             MV.reference(x, w, r, norm=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiling", [dict(block_n=32), dict(block_n=3), dict(chunk=256),
+                                    dict(chunk=48)])
+def test_tilings_that_do_not_divide_the_operands_are_errors(tiling):
+  with pytest.raises(ValueError, match="must be a power of 2 dividing"):
+    MV.fused_matvec(jnp.ones((1, 128)), jnp.ones((48, 128)), **tiling)

@@ -3,7 +3,7 @@
 At batch 1 every projection of a decode step is a matrix-vector product. XLA:GPU rewrites a dot
 with a vector operand whose (M + N) * K is under 10M elements into multiply + reduce
 (`GpuAlgebraicSimplifier::ShouldStrengthReduceDotToReduce`), and on an H200 its reduction
-kernels read the 350M preset's projection weights at ~0.7 of the 4.8 TB/s (profile:
+kernels read the 350M preset's projection weights at ~0.7 TB/s of the 4.8 (profile:
 experiments/results/gpu-h200-2026-11-27/5-profile-before.log, 67% of the device time per token in
 reductions, 391 kernels per token). `fused_matvec` is one kernel per projection that reads the
 weight once, stored [N, D] so that each program reads whole contiguous rows, and fuses what
@@ -31,9 +31,12 @@ from jax.experimental import pallas as pl
 
 from cm3leon_jax.model.layers import LAYER_NORM_EPS
 
-MAX_ROWS = 8            # more rows: XLA's GEMM is the better kernel
+MAX_ROWS = 8            # registers per program grow with the rows; more go to XLA's dots
 AUTO_MAX_ROWS = 2       # `model.decode_matvec=auto` on a GPU: measured at 1 row; CFG makes 2
+# Default tiling (read when a call is traced; experiments/bench/matvec.py --tilings sweeps it).
 TARGET_PROGRAMS = 256   # about two programs per streaming multiprocessor of an H100/H200
+NUM_WARPS = 4
+CHUNK_ELEMENTS = 512    # columns per unrolled step x padded rows (accumulator registers)
 ACTIVATIONS = (None, "relu", "gelu")
 
 
@@ -90,12 +93,18 @@ def _kernel(*refs, rows: int, norm: bool, activation: str | None, has_residual: 
     o_ref[r, :] = y
 
 
-@functools.partial(jax.jit, static_argnames=("norm", "activation", "out_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("norm", "activation", "out_dtype", "interpret",
+                                             "block_n", "chunk", "num_warps"))
 def fused_matvec(x_RD, w_ND, residual_RN=None, *, norm: bool = False,
-                 activation: str | None = None, out_dtype=None, interpret: bool | None = None):
+                 activation: str | None = None, out_dtype=None, interpret: bool | None = None,
+                 block_n: int | None = None, chunk: int | None = None,
+                 num_warps: int | None = None):
   """act(norm(x_RD) @ w_ND.T) (+ residual_RN) -> [R, N] in `out_dtype` (default x's dtype).
 
   R <= MAX_ROWS and D a power of 2 (`supported`); `interpret` None: the interpreter off GPU.
+  Tiling (experiments/bench/matvec.py sweeps it): `block_n` rows of w per program (a power of
+  2 dividing N; default `block_rows(N)`), `chunk` columns per unrolled step (a power of 2
+  dividing D; default CHUNK_ELEMENTS / padded rows), `num_warps` (default NUM_WARPS).
   """
   rows, d = x_RD.shape
   n, d_w = w_ND.shape
@@ -112,8 +121,12 @@ def fused_matvec(x_RD, w_ND, residual_RN=None, *, norm: bool = False,
   # Triton tiles need power-of-2 shapes: pad the rows (zero rows cost no weight bytes).
   padded = 1 << (rows - 1).bit_length()
   pad = lambda a: a if padded == rows else jnp.pad(a, ((0, padded - rows), (0, 0)))
-  bn = block_rows(n)
-  chunk = min(d, 512 // padded if padded <= 4 else 64)
+  bn = block_rows(n) if block_n is None else block_n
+  chunk = min(d, max(CHUNK_ELEMENTS // padded, 16)) if chunk is None else chunk
+  num_warps = NUM_WARPS if num_warps is None else num_warps
+  if not (_is_pow2(bn) and n % bn == 0 and _is_pow2(chunk) and d % chunk == 0):
+    raise ValueError(f"fused_matvec: block_n={bn} must be a power of 2 dividing N={n} and "
+                     f"chunk={chunk} one dividing D={d}")
   kernel = functools.partial(_kernel, rows=padded, norm=norm, activation=activation,
                              has_residual=residual_RN is not None, chunk=chunk,
                              x_dtype=x_RD.dtype, eps=LAYER_NORM_EPS)
@@ -126,7 +139,7 @@ def fused_matvec(x_RD, w_ND, residual_RN=None, *, norm: bool = False,
   params = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
-    params = dict(compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1))
+    params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1))
   y_RN = pl.pallas_call(
       kernel, grid=(n // bn,), in_specs=in_specs,
       out_specs=pl.BlockSpec((padded, bn), lambda j: (0, j)),

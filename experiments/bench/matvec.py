@@ -16,6 +16,13 @@ between each variant and the XLA one.
 Part `decode`: decode.py's bandwidth check (ms per token of the 350M preset at batch 1 against
 the memory-bandwidth bound) with `model.decode_matvec=xla` and `=pallas`, and the largest
 logit difference between the two over a prefill and 8 decode steps of the bench preset in bf16.
+`--tilings` adds pallas rows with other kernel tilings (the decode loop is where the kernels'
+own speed shows: outside it the products above are bound by dispatch and launches).
+
+Measured on one H200 (2026-12-04, experiments/results/gpu-h200-2026-12-04/1-matvec.log):
+every product 16-28 us outside a loop (fused 15.5-22.4, XLA 19.4-25.1, XLA on 2 padded rows
+20.6-27.7); fused == XLA for the bf16 products; the 350M decode 1.304 ms/token with XLA's dots,
+0.693 with the fused kernels (1.88x; 13% -> 24% of the bound).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ SHAPES_350M = (
     ("ln + image head (f32)", 1024, 8192, True, None, False, "float32"),
 )
 LAYERS = 24
+DEFAULT_TILING = (MV.TARGET_PROGRAMS, MV.NUM_WARPS, MV.CHUNK_ELEMENTS)
 
 
 def _xla(x_RD, w_ND, r_RN, norm, activation, out_dtype, pad_rows=0):
@@ -162,6 +170,19 @@ def decode(args) -> dict:
   except Exception as e:
     print(f"logit check failed: {type(e).__name__}: {str(e)[:600]}")
   dargs = D.parse_args(["--repeats", str(args.decode_repeats)])
+  for tiling in args.tilings:  # the fused kernels' tiling, read when they are traced
+    programs, warps, chunk = (int(v) for v in tiling.split(":"))
+    MV.TARGET_PROGRAMS, MV.NUM_WARPS, MV.CHUNK_ELEMENTS = programs, warps, chunk
+    jax.clear_caches()
+    print(f"\n== model.decode_matvec=pallas, tiling {tiling} (target programs : warps : "
+          "chunk elements)")
+    try:
+      out[f"pallas {tiling}"] = D.bandwidth_check(
+          args.config, ["model.decode_matvec=pallas"], dargs)
+    except Exception as e:
+      print(f"  failed: {type(e).__name__}: {str(e)[:600]}")
+  MV.TARGET_PROGRAMS, MV.NUM_WARPS, MV.CHUNK_ELEMENTS = DEFAULT_TILING
+  jax.clear_caches()
   for mode in args.modes:
     print(f"\n== model.decode_matvec={mode}")
     try:
@@ -184,6 +205,9 @@ def main(argv=None) -> dict:
   p.add_argument("--config", default="cm3leon_350m", help="preset of the decode part")
   p.add_argument("--check-config", default="bench", help="preset of the logit check")
   p.add_argument("--modes", nargs="+", default=["xla", "pallas"])
+  p.add_argument("--tilings", nargs="*", default=[],
+                 help="extra pallas rows of the decode part, each TARGET_PROGRAMS:NUM_WARPS:"
+                      "CHUNK_ELEMENTS of model/matvec.py (e.g. 512:4:512 256:8:1024)")
   p.add_argument("--interpret", action="store_true",
                  help="run the fused kernel in Pallas' interpreter (off GPU: checks only)")
   args = p.parse_args(argv)
