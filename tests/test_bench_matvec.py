@@ -22,11 +22,15 @@ def test_matvec_benchmark_decode_part_runs_on_the_tiny_preset(capsys):
   bench = _load_script()
   from cm3leon_jax.model import matvec as MV
   result = bench.main(["--parts", "decode", "--config", "tiny", "--check-config", "tiny",
-                       "--decode-repeats", "1", "--modes", "xla", "--tilings", "512:8:256"])
+                       "--decode-repeats", "1", "--modes", "xla", "pallas+attention",
+                       "--tilings", "512:8:256"])
   decode = result["decode"]
-  assert decode["logit_diff"] < 0.05  # bf16 rounding only (the same math)
+  # bf16 rounding only (the same math)
+  assert set(decode["logit_diff"]) == {"pallas+attention"}
+  assert decode["logit_diff"]["pallas+attention"] < 0.05
   assert decode["xla"]["ms_per_token"] > 0 and decode["pallas 512:8:256"]["ms_per_token"] > 0
+  assert decode["pallas+attention"]["ms_per_token"] > 0
   # The sweep leaves the kernels' default tiling as it found it.
   assert (MV.TARGET_PROGRAMS, MV.NUM_WARPS, MV.CHUNK_ELEMENTS) == bench.DEFAULT_TILING
   out = capsys.readouterr().out
-  assert "tiling 512:8:256" in out and "max |logit xla - logit pallas|" in out
+  assert "tiling 512:8:256" in out and "max |logit xla - logit pallas+attention|" in out

@@ -91,10 +91,10 @@ def test_unknown_activation_is_an_error():
     MV.fused_matvec(jnp.ones((1, 64)), jnp.ones((8, 64)), activation="tanh")
 
 
-def _model(mode, activation="relu", qk_norm=False):
+def _model(mode, activation="relu", qk_norm=False, attention="xla"):
   cfg = DecoderConfig(vocab_size=96, num_layers=2, d_model=64, num_heads=4, head_dim=16,
                       d_ff=128, seq_len=64, activation=activation, qk_norm=qk_norm,
-                      scan_layers=False, decode_matvec=mode)
+                      scan_layers=False, decode_matvec=mode, decode_attention=attention)
   m = Decoder(cfg, rngs=nnx.Rngs(0))
   # Fill every weight (the paper's init zeroes the residual closers, which would hide them).
   state = nnx.state(m, nnx.Param)
@@ -105,18 +105,19 @@ def _model(mode, activation="relu", qk_norm=False):
   return m
 
 
-def _decode_logits(m, steps=3):
+def _decode_logits(m, steps=3, slots=16):
   ids = jnp.array([[1, 5, 7, 9, 11, 13, 2], [2, 3, 4, 8, 10, 12, 6]])
-  cache = KC.init_cache(m, 2, 16)
+  cache = KC.init_cache(m, 2, slots)
   layers = KC.layer_params(m)
   pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
-  seg = jnp.ones((2, 7), jnp.int32)
+  # Row 1 is left-padded by two slots (segment 0), as the sampler pads shorter prompts.
+  seg = jnp.ones((2, 7), jnp.int32).at[1, :2].set(0)
   logits, cache = KC.forward_cached(m, cache, ids[:, :4], pos[:, :4], seg[:, :4], jnp.int32(0),
                                     layers)
   out = [logits[:, -1]]
   for t in range(4, 4 + steps):
-    logits, cache = KC.forward_cached(m, cache, ids[:, t:t + 1], pos[:, t:t + 1], seg[:, :1],
-                                      jnp.int32(t), layers)
+    logits, cache = KC.forward_cached(m, cache, ids[:, t:t + 1], pos[:, t:t + 1],
+                                      jnp.ones((2, 1), jnp.int32), jnp.int32(t), layers)
     out.append(logits[:, 0])
   return np.stack(out), layers
 
@@ -131,6 +132,23 @@ def test_cached_decode_with_fused_kernels_equals_the_xla_path(activation, qk_nor
   np.testing.assert_allclose(fused, xla, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("slots", [16, 48])
+def test_cached_decode_with_the_attention_kernel_equals_the_xla_path(slots):
+  """48 slots: three splits of 16 would not tile, so 16-slot blocks in one split; the kernel
+  reads only the written slots of a longer cache."""
+  xla, _ = _decode_logits(_model("xla"), slots=slots)
+  fused, _ = _decode_logits(_model("pallas", attention="pallas"), slots=slots)
+  np.testing.assert_allclose(fused, xla, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_splits_tile_the_cache():
+  from cm3leon_jax.model.attention import kernel_splits
+  assert kernel_splits(1280) == (16, 16)   # 80-slot spans: blocks of 16
+  assert kernel_splits(4096) == (16, 256)
+  assert kernel_splits(48) == (1, 16)
+  assert kernel_splits(289) is None        # no multiple of 16: the XLA attention
+
+
 def test_auto_is_xla_off_gpu_and_rows_limit_the_kernels():
   assert not KC.uses_matvec(_model("auto"))  # these tests run on CPU
   m = _model("pallas")
@@ -138,7 +156,8 @@ def test_auto_is_xla_off_gpu_and_rows_limit_the_kernels():
   assert not KC.uses_matvec(_model("xla"), 1)
 
 
-def test_sampler_with_fused_kernels_samples_what_the_xla_path_samples():
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+def test_sampler_with_fused_kernels_samples_what_the_xla_path_samples(attention):
   config = configs.load("tiny")
   vocab = Vocab.from_config(config)
   cfg = DecoderConfig.from_config(config)
@@ -148,7 +167,8 @@ def test_sampler_with_fused_kernels_samples_what_the_xla_path_samples():
                      stop_after_image=True)
   outs = []
   for mode in ("xla", "pallas"):
-    m = Decoder(dataclasses.replace(cfg, decode_matvec=mode), rngs=nnx.Rngs(0))
+    m = Decoder(dataclasses.replace(cfg, decode_matvec=mode, decode_attention=attention),
+                rngs=nnx.Rngs(0))
     m.embed[...] = jax.random.normal(jax.random.key(10), m.embed.shape)
     for i, name in enumerate(("wq", "wk", "wv", "wo", "w_in", "w_out")):
       p = getattr(m.layers, name)
@@ -161,9 +181,10 @@ def test_sampler_with_fused_kernels_samples_what_the_xla_path_samples():
   assert vocab.is_image(outs[0][0, :n]).all() and outs[0][0, n] == vocab.break_id
 
 
-def test_bad_decode_matvec_value_is_an_input_error():
-  config = configs.load("tiny", ["model.decode_matvec=triton"])
-  with pytest.raises(InputError, match="model.decode_matvec='triton'"):
+@pytest.mark.parametrize("field", ["decode_matvec", "decode_attention"])
+def test_bad_decode_kernel_values_are_input_errors(field):
+  config = configs.load("tiny", [f"model.{field}=triton"])
+  with pytest.raises(InputError, match=f"model.{field}='triton'"):
     DecoderConfig.from_config(config)
 
 

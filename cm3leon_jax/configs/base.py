@@ -180,6 +180,9 @@ def base_config() -> ml_collections.ConfigDict:
   # XLA's dots. auto: on a GPU, <= 2 rows (batch 1, with or without CFG; 1.88x at 350M on an
   # H200); pallas: <= 8 rows, everywhere (off GPU in Pallas' interpreter: tests, not speed).
   c.model.decode_matvec = "auto"  # auto | xla | pallas
+  # With those kernels: the attention over the cache as JAX's Pallas decode-attention kernel,
+  # reading only the written slots (one cache window). Not yet measured on a GPU: off.
+  c.model.decode_attention = "xla"  # xla | pallas
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.peak_lr = 6e-4

@@ -25,7 +25,11 @@ every step (2x slower).
 On a GPU (`model.decode_matvec`: auto, at most 2 rows; pallas, at most 8) a decode step
 runs each layer's four projections as fused matrix-vector kernels (model/matvec.py) over
 weights transposed to [N, D] once per call, next to the stacked ones (twice the weight memory
-while decoding); the prefill and larger batches keep XLA's GEMMs.
+while decoding); the prefill and larger batches keep XLA's GEMMs. With
+`model.decode_attention=pallas` those steps also attend through JAX's Pallas decode-attention
+kernel (`attention.kernel_single_query_attention`), which reads only the written slots, so the
+sampler runs one cache window; written and tested here in Pallas' interpreter, not yet timed
+on a GPU, hence off by default.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ import jax.numpy as jnp
 
 from cm3leon_jax.model import layers as L
 from cm3leon_jax.model import matvec as MV
-from cm3leon_jax.model.attention import single_query_attention
+from cm3leon_jax.model.attention import (kernel_single_query_attention, kernel_splits,
+                                         single_query_attention)
 from cm3leon_jax.model.decoder import Decoder
 
 EMPTY_INDEX = jnp.iinfo(jnp.int32).max
@@ -101,6 +106,14 @@ def uses_matvec(model: Decoder, rows: int | None = None) -> bool:
   return all(MV.supported(r, k, 1) for k in (d, f, hk))
 
 
+def uses_attention_kernel(model: Decoder, rows: int | None = None) -> bool:
+  """Whether decode steps attend with the Pallas decode-attention kernel
+  (`model.decode_attention=pallas`, only together with the fused projections). The sampler
+  then runs one cache window rounded up to KERNEL_CACHE_MULTIPLE slots: the kernel reads only
+  the written slots."""
+  return model.cfg.decode_attention == "pallas" and uses_matvec(model, rows)
+
+
 def layer_params(model: Decoder) -> list[dict]:
   """The stacked layer weights as one dict per layer. Slice them once, outside the decode
   loop, and pass them to every `forward_cached` call of the loop. With the fused decode
@@ -122,9 +135,9 @@ def layer_params(model: Decoder) -> list[dict]:
   return layers
 
 
-def _matvec_layer(model: Decoder, p: dict, x_BD, k_NSK, v_NSK, start, mask_BS):
+def _matvec_layer(model: Decoder, p: dict, x_BD, k_NSK, v_NSK, start, attend):
   """One decode step of one layer with the fused kernels: same math as `project_qkv` +
-  cache write + `single_query_attention` + `project_out_and_mlp`."""
+  cache write + `attend` (q_BHK, k_NSK, v_NSK -> o_BHK) + `project_out_and_mlp`."""
   cfg = model.cfg
   batch, heads, head_dim = x_BD.shape[0], cfg.num_heads, cfg.head_dim
   qkv_BHTK = MV.fused_matvec(x_BD, p["wqkv_ND"], norm=True).reshape(batch, heads, 3, head_dim)
@@ -134,7 +147,7 @@ def _matvec_layer(model: Decoder, p: dict, x_BD, k_NSK, v_NSK, start, mask_BS):
   as_nsk = lambda x_BHK, like: x_BHK.reshape(batch * heads, 1, head_dim).astype(like.dtype)
   k_NSK = jax.lax.dynamic_update_slice(k_NSK, as_nsk(k_BHK, k_NSK), (0, start, 0))
   v_NSK = jax.lax.dynamic_update_slice(v_NSK, as_nsk(v_BHK, v_NSK), (0, start, 0))
-  o_BHK = single_query_attention(q_BHK, k_NSK, v_NSK, mask_BS)
+  o_BHK = attend(q_BHK, k_NSK, v_NSK)
   x_BD = MV.fused_matvec(o_BHK.reshape(batch, heads * head_dim), p["wo_ND"], x_BD)
   if cfg.activation == "swiglu":
     h_B2F = MV.fused_matvec(x_BD, p["w_in_ND"], norm=True)
@@ -175,9 +188,17 @@ def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positio
   heads = cfg.num_heads
   if steps == 1 and "wqkv_ND" in layers[0] and uses_matvec(model, batch):
     mask_BS = (index_BS <= slots_BT) & (seg_BS == jnp.maximum(segment_ids_BT, 1))
+    if uses_attention_kernel(model, batch) and kernel_splits(cache.size):
+      # A row's attended slots are one run: left padding (segment 0), then its prompt and
+      # generated tokens up to this step's slot, as `sampler.pad_prompts` lays them out.
+      start_B = jnp.argmax(mask_BS, axis=1).astype(jnp.int32)
+      length_B = slots_BT[:, 0] + 1
+      attend = lambda q, k, v: kernel_single_query_attention(q, k, v, start_B, length_B)
+    else:
+      attend = lambda q, k, v: single_query_attention(q, k, v, mask_BS)
     x_BD = x_BTD[:, 0]
     for p, k_NSK, v_NSK in zip(layers, cache.k_NSK, cache.v_NSK):
-      x_BD, k_NSK, v_NSK = _matvec_layer(model, p, x_BD, k_NSK, v_NSK, start, mask_BS)
+      x_BD, k_NSK, v_NSK = _matvec_layer(model, p, x_BD, k_NSK, v_NSK, start, attend)
       new_k.append(k_NSK)
       new_v.append(v_NSK)
     x_BTD = x_BD[:, None]

@@ -27,12 +27,13 @@ from flax import nnx
 
 from cm3leon_jax.decode import constraints as C
 from cm3leon_jax.decode.cache import (KVCache, forward_cached, grow, init_cache, layer_params,
-                                     uses_matvec)
+                                     uses_attention_kernel, uses_matvec)
 from cm3leon_jax.decode.cdk import cdk_scores
 from cm3leon_jax.decode.guidance import cfg, cfg_two
 from cm3leon_jax.decode.sampling import sample, top_k_filter, top_p_filter
 from cm3leon_jax.errors import InputError
 from cm3leon_jax.model import matvec as MV
+from cm3leon_jax.model.attention import KERNEL_CACHE_MULTIPLE
 from cm3leon_jax.model.decoder import Decoder
 from cm3leon_jax.tokenizers.vocab import Vocab
 
@@ -263,6 +264,8 @@ def _generate(graphdef, params, prompt_ids, prompt_seg, prompt_pos, prompt_index
   rows, width = prompt_ids.shape
   batch = rows // spec.num_streams
   sizes = cache_windows(width, spec.max_new_tokens, spec.cache_window)
+  if uses_attention_kernel(model, rows):  # it reads only the written slots: one window
+    sizes = [-(-sizes[-1] // KERNEL_CACHE_MULTIPLE) * KERNEL_CACHE_MULTIPLE]
   cache = init_cache(model, rows, sizes[0])
   layers = layer_params(model)  # sliced once here, not in every step of the loop
   # Colour-factorised image codes: inside an image, factor by factor; elsewhere the head's own

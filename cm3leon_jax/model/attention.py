@@ -108,6 +108,44 @@ def single_query_attention(q_BHK, k_NSK, v_NSK, mask_BS):
   return o_NK.reshape(B, H, K).astype(q_BHK.dtype)
 
 
+# Cache slots per row that `kernel_single_query_attention` needs a multiple of (16 splits of 16).
+KERNEL_CACHE_MULTIPLE = 256
+
+
+def kernel_splits(slots: int) -> tuple[int, int] | None:
+  """(k_splits, block_k) of JAX's Pallas decode-attention kernel for a cache of `slots` slots:
+  as many splits as divide it (programs across the chip), blocks of up to 256 slots; None when
+  `slots` is no multiple of 16 (the kernel's smallest block)."""
+  for splits in (16, 8, 4, 2, 1):
+    if slots % (16 * splits) == 0:
+      span = slots // splits
+      return splits, next(b for b in (256, 128, 64, 32, 16) if span % b == 0)
+  return None
+
+
+def kernel_single_query_attention(q_BHK, k_NSK, v_NSK, start_B, length_B, interpret=None):
+  """`single_query_attention` for a row whose attended slots are one run [start, length):
+  JAX's Pallas (Triton) decode-attention kernel (`pallas.ops.gpu.decode_attention.mqa`, one
+  kernel over (B * H) x splits programs plus a small combine), which reads only the slots
+  before `length`, so the cache may be longer than what was written. Needs `kernel_splits`
+  of the cache size; `interpret` None: the interpreter off GPU. Returns [B, H, K].
+  """
+  from jax.experimental.pallas.ops.gpu import decode_attention
+  B, H, K = q_BHK.shape
+  tiling = kernel_splits(k_NSK.shape[1])
+  if tiling is None:
+    raise ValueError(f"kernel_single_query_attention: {k_NSK.shape[1]} cache slots, need a "
+                     "multiple of 16")
+  splits, block_k = tiling
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  q_N1K = q_BHK.reshape(B * H, 1, K).astype(k_NSK.dtype)
+  o_N1K = decode_attention.mqa(q_N1K, k_NSK, v_NSK, jnp.repeat(start_B, H),
+                               jnp.repeat(length_B, H), k_splits=splits, block_k=block_k,
+                               interpret=interpret)
+  return o_N1K.reshape(B, H, K).astype(q_BHK.dtype)
+
+
 def chunked_causal_attention(q_BLHK, k_BLHK, v_BLHK, mask_BLL, chunk: int = 128):
   """Self-attention computed in query chunks that only read the keys up to the chunk's end.
 

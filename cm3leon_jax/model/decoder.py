@@ -32,6 +32,7 @@ from cm3leon_jax.model.attention import BACKENDS
 from cm3leon_jax.tokenizers.vocab import Vocab
 
 DECODE_MATVEC = ("auto", "xla", "pallas")
+DECODE_ATTENTION = ("xla", "pallas")
 REMAT_POLICIES = {
     "none": None,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -60,6 +61,7 @@ class DecoderConfig:
   remat_policy: str = "none"
   attention: str = "xla"
   decode_matvec: str = "xla"  # auto | xla | pallas (decode/cache.py `uses_matvec`)
+  decode_attention: str = "xla"  # xla | pallas (decode/cache.py `uses_attention_kernel`)
   axis_rules: tuple = ()
   # Image-position embeddings (`model.image_positions`): tokens_per_image > 0 adds a learned
   # embedding of each image token's raster index to it; image ids are [image_start, image_end).
@@ -89,6 +91,10 @@ class DecoderConfig:
     if decode_matvec not in DECODE_MATVEC:
       raise InputError(f"--config.model.decode_matvec={decode_matvec!r}: expected one of "
                        f"{DECODE_MATVEC}")
+    decode_attention = m.get("decode_attention", "xla")
+    if decode_attention not in DECODE_ATTENTION:
+      raise InputError(f"--config.model.decode_attention={decode_attention!r}: expected one of "
+                       f"{DECODE_ATTENTION}")
     from cm3leon_jax.train.mesh import axis_rules  # the one place rules are normalised
     from cm3leon_jax.configs.base import tokens_per_image
     from cm3leon_jax.tokenizers.colour_codes import colour_codes
@@ -105,7 +111,7 @@ class DecoderConfig:
                qk_norm=m.qk_norm, init_std=m.init_std, pos_init_std=m.pos_init_std,
                dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
                remat_policy=m.remat_policy, attention=m.attention,
-               decode_matvec=decode_matvec,
+               decode_matvec=decode_matvec, decode_attention=decode_attention,
                axis_rules=axis_rules(config), **image)
 
   def layer_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:

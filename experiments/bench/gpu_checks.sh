@@ -30,8 +30,9 @@ python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__,
 #   profile: experiments/bench/gpu_profile.py, device time by kernel of the 350M train step
 #     and batch-1 decode (PROFILE_ARGS adds options);
 #   matvec: experiments/bench/matvec.py, XLA's batch-1 projections vs the fused Pallas
-#     kernels, then the 350M bandwidth check with model.decode_matvec=xla and =pallas
-#     (MATVEC_ARGS="--tilings 512:4:512 256:8:1024" adds rows with other kernel tilings).
+#     kernels, then the 350M bandwidth check with XLA's dots, the fused projections and the
+#     fused projections + the Pallas decode-attention kernel (MATVEC_ARGS="--tilings
+#     512:4:512 256:8:1024" adds rows with other kernel tilings).
 PARTS=${PARTS:-train decode}
 for part in $PARTS; do
   case $part in

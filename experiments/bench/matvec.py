@@ -14,8 +14,10 @@ kernels, as inside a decode step. GB/s = weight bytes / that time. Also the larg
 between each variant and the XLA one.
 
 Part `decode`: decode.py's bandwidth check (ms per token of the 350M preset at batch 1 against
-the memory-bandwidth bound) with `model.decode_matvec=xla` and `=pallas`, and the largest
-logit difference between the two over a prefill and 8 decode steps of the bench preset in bf16.
+the memory-bandwidth bound) with XLA's dots (`xla`), the fused projections (`pallas`) and the
+fused projections plus the Pallas decode-attention kernel (`pallas+attention`,
+`model.decode_attention=pallas`), and the largest logit difference of each against `xla` over
+a prefill and 8 decode steps of the bench preset in bf16.
 `--tilings` adds pallas rows with other kernel tilings (the decode loop is where the kernels'
 own speed shows: outside it the products above are bound by dispatch and launches).
 
@@ -117,12 +119,22 @@ def kernels(args) -> list[dict]:
   return rows
 
 
-def logit_check(preset: str = "bench", steps: int = 8) -> float:
-  """Largest |logit| difference, decode_matvec xla vs pallas, `preset` in bf16."""
+# --modes: decode-kernel settings of the decode part.
+MODES = {
+    "xla": dict(decode_matvec="xla"),
+    "pallas": dict(decode_matvec="pallas"),
+    "pallas+attention": dict(decode_matvec="pallas", decode_attention="pallas"),
+}
+
+
+def logit_check(preset: str = "bench", steps: int = 8, modes=tuple(MODES)) -> dict:
+  """Largest |logit| difference of each mode against xla, `preset` in bf16, over a 32-token
+  prefill and `steps` decode steps (a cache of 64 slots: the attention kernel tiles it)."""
   from flax import nnx
   from cm3leon_jax import configs
   from cm3leon_jax.decode import cache as KC
   from cm3leon_jax.model.decoder import Decoder, DecoderConfig
+  slots = 64
   config = configs.load(preset)
   if config.model.seq_len < 32 + steps:  # room for the prompt and the steps
     config = configs.load(preset, [f"model.seq_len={32 + steps}"])
@@ -130,8 +142,8 @@ def logit_check(preset: str = "bench", steps: int = 8) -> float:
                             param_dtype="bfloat16")
   out = {}
   ids = jax.random.randint(jax.random.key(1), (1, 32 + steps), 0, cfg.vocab_size)
-  for mode in ("xla", "pallas"):
-    model = Decoder(dataclasses.replace(cfg, decode_matvec=mode), rngs=nnx.Rngs(0))
+  for mode in dict.fromkeys(("xla", *modes)):
+    model = Decoder(dataclasses.replace(cfg, **MODES[mode]), rngs=nnx.Rngs(0))
     # Zero-initialised residual closers would hide the projections: fill every weight.
     state = nnx.state(model, nnx.Param)
     leaves, tree = jax.tree.flatten(state)
@@ -142,7 +154,7 @@ def logit_check(preset: str = "bench", steps: int = 8) -> float:
 
     @jax.jit
     def run(ids):
-      cache = KC.init_cache(model, 1, 32 + steps)
+      cache = KC.init_cache(model, 1, slots)
       layers = KC.layer_params(model)
       pos = jnp.arange(32 + steps)[None]
       seg = jnp.ones_like(ids)
@@ -156,17 +168,18 @@ def logit_check(preset: str = "bench", steps: int = 8) -> float:
         res.append(logits[:, 0])
       return jnp.stack(res)
     out[mode] = np.asarray(run(ids), np.float32)
-  diff = float(np.abs(out["xla"] - out["pallas"]).max())
-  print(f"\n{preset} preset, bf16, prefill 32 + {steps} decode steps: max |logit xla - logit "
-        f"pallas| = {diff:.4g} (logits up to {float(np.abs(out['xla']).max()):.3g})")
-  return diff
+  diffs = {m: float(np.abs(out["xla"] - out[m]).max()) for m in out if m != "xla"}
+  for m, diff in diffs.items():
+    print(f"\n{preset} preset, bf16, prefill 32 + {steps} decode steps: max |logit xla - logit "
+          f"{m}| = {diff:.4g} (logits up to {float(np.abs(out['xla']).max()):.3g})")
+  return diffs
 
 
 def decode(args) -> dict:
   from experiments.bench import decode as D
   out = {}
   try:
-    out["logit_diff"] = logit_check(args.check_config)
+    out["logit_diff"] = logit_check(args.check_config, modes=args.modes)
   except Exception as e:
     print(f"logit check failed: {type(e).__name__}: {str(e)[:600]}")
   dargs = D.parse_args(["--repeats", str(args.decode_repeats)])
@@ -184,16 +197,18 @@ def decode(args) -> dict:
   MV.TARGET_PROGRAMS, MV.NUM_WARPS, MV.CHUNK_ELEMENTS = DEFAULT_TILING
   jax.clear_caches()
   for mode in args.modes:
-    print(f"\n== model.decode_matvec={mode}")
+    overrides = [f"model.{k}={v}" for k, v in MODES[mode].items()]
+    print(f"\n== {mode}: {' '.join(overrides)}")
     try:
-      out[mode] = D.bandwidth_check(args.config, [f"model.decode_matvec={mode}"], dargs)
+      out[mode] = D.bandwidth_check(args.config, overrides, dargs)
     except Exception as e:
       print(f"bandwidth check with decode_matvec={mode} failed: {type(e).__name__}: "
             f"{str(e)[:600]}")
-  if "xla" in out and "pallas" in out:
-    print(f"\ndecode_matvec pallas vs xla: {out['xla']['ms_per_token']:.3f} -> "
-          f"{out['pallas']['ms_per_token']:.3f} ms/token "
-          f"({out['xla']['ms_per_token'] / out['pallas']['ms_per_token']:.2f}x)")
+  for mode in args.modes:
+    if mode != "xla" and "xla" in out and mode in out:
+      print(f"\n{mode} vs xla: {out['xla']['ms_per_token']:.3f} -> "
+            f"{out[mode]['ms_per_token']:.3f} ms/token "
+            f"({out['xla']['ms_per_token'] / out[mode]['ms_per_token']:.2f}x)")
   return out
 
 
@@ -204,7 +219,7 @@ def main(argv=None) -> dict:
   p.add_argument("--decode-repeats", type=int, default=2)
   p.add_argument("--config", default="cm3leon_350m", help="preset of the decode part")
   p.add_argument("--check-config", default="bench", help="preset of the logit check")
-  p.add_argument("--modes", nargs="+", default=["xla", "pallas"])
+  p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
   p.add_argument("--tilings", nargs="*", default=[],
                  help="extra pallas rows of the decode part, each TARGET_PROGRAMS:NUM_WARPS:"
                       "CHUNK_ELEMENTS of model/matvec.py (e.g. 512:4:512 256:8:1024)")
