@@ -222,3 +222,13 @@ def test_k_equal_to_bank_returns_every_document(bank):
 def test_loading_a_directory_without_an_index_is_a_clear_error(tmp_path):
   with pytest.raises(InputError, match="not an index directory"):
     Index.load(str(tmp_path))
+
+
+def test_parallel_batch_size_gives_every_core_equal_batches_up_to_the_cap():
+  from cm3leon_jax.retrieval.index import parallel_batch_size
+  assert parallel_batch_size(5000, threads=2) == 2500      # one task per core
+  assert parallel_batch_size(7, threads=2) == 4
+  assert parallel_batch_size(1, threads=8) == 1
+  # 50,000 queries per core in 13 rounds of at most 4,096: 3,847 each (13 x 3,847 >= 50,000).
+  assert parallel_batch_size(100_000, threads=2) == 3847
+  assert parallel_batch_size(10_000, threads=2, cap=1000) == 1000
