@@ -124,6 +124,33 @@ This script itself, right after (`--sizes '' --encoder-docs 1000000 --queries 50
 fastest at >= 0.95: exact 245, ScaNN 45,726 (leaves 3, reorder 50, 0.960; 186x exact),
 overretrieve 2 44,340, plain tree 41,763 (leaves 5, reorder 100), FAISS IVF-PQ 15,265, HNSW
 83,679 (efSearch 10, 0.959): ScaNN / FAISS best **0.55x**.
+
+2026-12-04, same machine type and bank: ScaNN's `search_batched_parallel` split the 5,000
+queries into tasks of 256 (its default), and each task scores its queries against every
+partition centre as one small matrix product. One task per core (`index.parallel_batch_size`,
+now used by `Index.search` and this script): 2,000 leaves, 3 searched, reorder 50, recall
+0.958: batch 32 47.9k, 128 50.4k, 1,024 53.6k (5 tasks on 2 cores), 2,500 **71.1k** queries/s;
+1,000 leaves 46.5k -> 59.5k. (The 2026-11-27 sweep's batch 1,024 was slower than 256 for the
+same reason: 5 tasks on 2 cores.) With it, one sweep over the cached bank (2,000 leaves, 3
+searched, reorder 40): **74.7k at 0.952** against HNSW's 78.5k at 0.959 (efSearch 10), 0.95x;
+1,500 leaves 73.7k (0.950), 4,000 leaves 65.5k, 30 k-means iterations 70.7k, tree avq 1.0
+and int8 / bfloat16 reordering below 0.95 at that speed. On the first 100k of the bank:
+HNSW 151.3k (efSearch 10, 0.960), ScaNN 316 leaves 4 searched 132.6k (0.965; the batch fix:
++8-15%). This script then (`--sizes '' --encoder-docs 1000000 --queries 5000`, with a
+2 sqrt(N)-leaf builder and 2-4 leaves searched added to the sweep), fastest at >= 0.95:
+
+| builder | setting | build s | QPS | x exact | recall@10 |
+|---|---|---:|---:|---:|---:|
+| exact (JAX f32 matmul + top_k) | - | - | 238 | 1.0 | 1.000 |
+| index.py (1,000 leaves, SOAR) | leaves 3, reorder 50 | | 58,356 | 245 | 0.959 |
+| **2 sqrt(N) = 2,000 leaves, SOAR** | leaves 4, reorder 40 | 64.4 | **69,602** | 292 | 0.961 |
+| overretrieve 2 | leaves 3, reorder 40 | | 56,137 | 236 | 0.953 |
+| plain tree | leaves 10, reorder 40 | 17.0 | 44,158 | 185 | 0.971 |
+| FAISS IVF-PQ + refine | nprobe 10, refine x10 | 7.9 | 14,772 | 62 | 0.966 |
+| FAISS HNSW (M=16) | efSearch 10 | 33.9 | 76,910 | 323 | 0.959 |
+
+ScaNN / FAISS best **0.90x** (0.95x in the sweep above; 3 of 2,000 leaves at reorder 40 sits
+at 0.947-0.952 from build to build): up from 0.55x, still short of the target.
 """
 
 from __future__ import annotations
