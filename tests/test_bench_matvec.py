@@ -1,26 +1,13 @@
 """The fused-kernel benchmark's decode part runs end to end on the tiny preset (cannot rot)."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "experiments", "bench", "matvec.py")
-
-
-def _load_script():
-  spec = importlib.util.spec_from_file_location("bench_matvec", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+from cm3leon_jax.model import matvec as MV
+from experiments.bench import matvec as bench
 
 
 @pytest.mark.slow
 def test_matvec_benchmark_decode_part_runs_on_the_tiny_preset(capsys):
-  bench = _load_script()
-  from cm3leon_jax.model import matvec as MV
   result = bench.main(["--parts", "decode", "--config", "tiny", "--check-config", "tiny",
                        "--decode-repeats", "1", "--modes", "xla", "pallas+attention",
                        "--tilings", "512:8:256"])
