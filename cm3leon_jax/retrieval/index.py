@@ -52,7 +52,9 @@ def parallel_batch_size(num_queries: int, threads: int | None = None,
   the 1M encoder bank (2-core Xeon, 2026-12-04, 2,000 leaves, 3 searched, reorder 50, same
   recall 0.958): batch 32 47.9k queries/s, 128 50.4k, 1024 53.6k (5 tasks on 2 cores: one
   waits), one 2,500-query task per core 71.1k."""
-  threads = threads or len(os.sched_getaffinity(0)) or 1
+  if not threads:  # the cores this process may run on (all of them where that is unknown)
+    affinity = getattr(os, "sched_getaffinity", None)
+    threads = len(affinity(0)) if affinity else os.cpu_count() or 1
   per_thread = -(-max(num_queries, 1) // threads)
   rounds = -(-per_thread // cap)
   return -(-per_thread // rounds)
