@@ -186,8 +186,10 @@ def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positio
                 shard=model.shard)
   new_k, new_v = [], []
   heads = cfg.num_heads
+  # The decode loop: one query per row, attending the written slots of its own segment.
+  mask_BS = ((index_BS <= slots_BT) & (seg_BS == jnp.maximum(segment_ids_BT, 1))
+             if steps == 1 else None)
   if steps == 1 and "wqkv_ND" in layers[0] and uses_matvec(model, batch):
-    mask_BS = (index_BS <= slots_BT) & (seg_BS == jnp.maximum(segment_ids_BT, 1))
     if uses_attention_kernel(model, batch) and kernel_splits(cache.size):
       # A row's attended slots are one run: left padding (segment 0), then its prompt and
       # generated tokens up to this step's slot, as `sampler.pad_prompts` lays them out.
@@ -202,28 +204,26 @@ def forward_cached(model: Decoder, cache: KVCache, inputs_BT: jax.Array, positio
       new_k.append(k_NSK)
       new_v.append(v_NSK)
     x_BTD = x_BD[:, None]
-    out = x_BTD if hidden else model.logits(x_BTD)
-    return out, KVCache(tuple(new_k), tuple(new_v), seg_BS, index_BS)
-  for p, k_NSK, v_NSK in zip(layers, cache.k_NSK, cache.v_NSK):
-    q_BTHK, k_BTHK, v_BTHK = L.project_qkv(p, x_BTD, dtype, cfg.qk_norm, model.shard)
-    to_nsk = lambda x_BTHK: jnp.swapaxes(x_BTHK, 1, 2).reshape(batch * heads, steps, -1)
-    k_NSK = jax.lax.dynamic_update_slice(k_NSK, to_nsk(k_BTHK).astype(k_NSK.dtype),
-                                         (0, start, 0))
-    v_NSK = jax.lax.dynamic_update_slice(v_NSK, to_nsk(v_BTHK).astype(v_NSK.dtype),
-                                         (0, start, 0))
-    if steps == 1:  # the decode loop: one query per row against the cache as it is stored
-      mask_BS = (index_BS <= slots_BT) & (seg_BS == jnp.maximum(segment_ids_BT, 1))
-      o_BHK = single_query_attention(q_BTHK[:, 0], k_NSK, v_NSK, mask_BS)
-      x_BTD = L.project_out_and_mlp(p, x_BTD, o_BHK[:, None], dtype=dtype,
-                                    activation=cfg.activation, shard=model.shard)
-    else:
-      # Prefill: [B, S, H, K] views of the cache. Queries of padding rows get their slot index
-      # too; their outputs are never used.
-      to_bshk = lambda x_NSK: jnp.swapaxes(x_NSK.reshape(batch, heads, *x_NSK.shape[1:]), 1, 2)
-      kv = L.KV(to_bshk(k_NSK), to_bshk(v_NSK), seg_BS, index_BS)
-      x_BTD = L.attend_and_mlp(p, x_BTD, q_BTHK, kv, jnp.maximum(segment_ids_BT, 1), slots_BT,
-                               **kwargs)
-    new_k.append(k_NSK)
-    new_v.append(v_NSK)
+  else:
+    for p, k_NSK, v_NSK in zip(layers, cache.k_NSK, cache.v_NSK):
+      q_BTHK, k_BTHK, v_BTHK = L.project_qkv(p, x_BTD, dtype, cfg.qk_norm, model.shard)
+      to_nsk = lambda x_BTHK: jnp.swapaxes(x_BTHK, 1, 2).reshape(batch * heads, steps, -1)
+      k_NSK = jax.lax.dynamic_update_slice(k_NSK, to_nsk(k_BTHK).astype(k_NSK.dtype),
+                                           (0, start, 0))
+      v_NSK = jax.lax.dynamic_update_slice(v_NSK, to_nsk(v_BTHK).astype(v_NSK.dtype),
+                                           (0, start, 0))
+      if steps == 1:  # one query per row against the cache as it is stored
+        o_BHK = single_query_attention(q_BTHK[:, 0], k_NSK, v_NSK, mask_BS)
+        x_BTD = L.project_out_and_mlp(p, x_BTD, o_BHK[:, None], dtype=dtype,
+                                      activation=cfg.activation, shard=model.shard)
+      else:
+        # Prefill: [B, S, H, K] views of the cache. Queries of padding rows get their slot index
+        # too; their outputs are never used.
+        to_bshk = lambda x_NSK: jnp.swapaxes(x_NSK.reshape(batch, heads, *x_NSK.shape[1:]), 1, 2)
+        kv = L.KV(to_bshk(k_NSK), to_bshk(v_NSK), seg_BS, index_BS)
+        x_BTD = L.attend_and_mlp(p, x_BTD, q_BTHK, kv, jnp.maximum(segment_ids_BT, 1), slots_BT,
+                                 **kwargs)
+      new_k.append(k_NSK)
+      new_v.append(v_NSK)
   out = x_BTD if hidden else model.logits(x_BTD)
   return out, KVCache(tuple(new_k), tuple(new_v), seg_BS, index_BS)

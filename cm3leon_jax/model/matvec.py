@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from cm3leon_jax.model.layers import LAYER_NORM_EPS
+from cm3leon_jax.model import layers as L
 
 MAX_ROWS = 8            # registers per program grow with the rows; more go to XLA's dots
 AUTO_MAX_ROWS = 2       # `model.decode_matvec=auto` on a GPU: measured at 1 row; CFG makes 2
@@ -129,7 +129,7 @@ def fused_matvec(x_RD, w_ND, residual_RN=None, *, norm: bool = False,
                      f"chunk={chunk} one dividing D={d}")
   kernel = functools.partial(_kernel, rows=padded, norm=norm, activation=activation,
                              has_residual=residual_RN is not None, chunk=chunk,
-                             x_dtype=x_RD.dtype, eps=LAYER_NORM_EPS)
+                             x_dtype=x_RD.dtype, eps=L.LAYER_NORM_EPS)
   in_specs = [pl.BlockSpec((padded, d), lambda j: (0, 0)),
               pl.BlockSpec((bn, d), lambda j: (j, 0))]
   operands = [pad(x_RD), w_ND]
@@ -150,7 +150,6 @@ def fused_matvec(x_RD, w_ND, residual_RN=None, *, norm: bool = False,
 
 def reference(x_RD, w_ND, residual_RN=None, *, norm=False, activation=None, out_dtype=None):
   """The same product with XLA ops, as the decoder layer computes it (tests compare)."""
-  from cm3leon_jax.model import layers as L
   out_dtype = jnp.dtype(x_RD.dtype if out_dtype is None else out_dtype)
   h = L.layer_norm(x_RD) if norm else x_RD
   y = jnp.einsum("RD,ND->RN", h, w_ND.astype(h.dtype),
