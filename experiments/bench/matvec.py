@@ -9,9 +9,11 @@ the decoder computes it with XLA (LayerNorm + einsum + activation + residual, fu
 it likes), the same with the row padded to 2 (XLA:GPU strength-reduces a dot with a vector
 operand into multiply + reduce; a 2-row matrix may take the GEMM path), and `fused_matvec`.
 Each timing is one jitted call of 24 independent products over 24 different weights (more bytes
-than the 60 MB L2), median of `--repeats`, divided by 24: kernel time plus the gaps between
-kernels, as inside a decode step. GB/s = weight bytes / that time. Also the largest difference
-between each variant and the XLA one.
+than the 60 MB L2), median of `--repeats`, divided by 24. On the H200 that was bound by the
+call's dispatch and launches (16-28 us per product, against 2.5-5 us per kernel inside the
+decode loop's profile), so these rows compare variants only roughly; the decode part below is
+the measure. GB/s = weight bytes / that time. Also the largest difference between each
+variant and the XLA one.
 
 Part `decode`: decode.py's bandwidth check (ms per token of the 350M preset at batch 1 against
 the memory-bandwidth bound) with XLA's dots (`xla`), the fused projections (`pallas`) and the
